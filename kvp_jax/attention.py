@@ -1,0 +1,94 @@
+"""Grouped-query attention as free functions; scores and softmax in float32.
+
+Queries are regrouped to [B, K, G*T, H] so every score and value product is a plain batched matmul over
+(B, K), the layout XLA's CPU backend runs fastest. Masks are built from positions (slot - row start), so
+left padding (negative positions) and causality are one comparison.
+Shape legend: see kvp_jax/config.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so a fully masked row (a padding query) gives a uniform average instead of NaN.
+_MASKED = -1e30
+# Query-chunk length of block-causal self-attention: each chunk skips the key blocks that lie wholly in its future.
+DEFAULT_CHUNK = 256
+
+
+def _group_queries(q_BTNH, num_kv_heads: int):
+  B, T, N, H = q_BTNH.shape
+  G = N // num_kv_heads
+  return q_BTNH.reshape(B, T, num_kv_heads, G, H).transpose(0, 2, 3, 1, 4).reshape(B, num_kv_heads, G * T, H)
+
+
+def _ungroup(o_BKQH, T: int):
+  B, K, GT, H = o_BKQH.shape
+  G = GT // T
+  return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+
+
+def scores(q_BTNH, k_BKSH):
+  """Scaled logits [B, K, G, T, S] in float32."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BKSH.shape[1]
+  q = _group_queries(q_BTNH, K)
+  s_BKQS = jnp.einsum("BKQH,BKSH->BKQS", q, k_BKSH, preferred_element_type=jnp.float32)
+  return (s_BKQS * (H ** -0.5)).reshape(B, K, N // K, T, -1)
+
+
+def _weighted_values(p_BKGTS, v_BKSH, dtype):
+  B, K, G, T, S = p_BKGTS.shape
+  o = jnp.einsum("BKQS,BKSH->BKQH", p_BKGTS.reshape(B, K, G * T, S).astype(v_BKSH.dtype), v_BKSH,
+                 preferred_element_type=jnp.float32)
+  return _ungroup(o, T).astype(dtype)
+
+
+def masked_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
+  """Attention of queries against all S keys under a boolean mask [B, T, S]; returns [B, T, N, H]."""
+  s = scores(q_BTNH, k_BKSH)
+  s = jnp.where(mask_BTS[:, None, None], s, _MASKED)
+  return _weighted_values(jax.nn.softmax(s, axis=-1), v_BKSH, q_BTNH.dtype)
+
+
+def causal_mask(q_pos_BT, k_pos_BS, include_self: bool = True):
+  """Key j is visible to query i iff it is a real token (position >= 0) and not in i's future."""
+  k = k_pos_BS[:, None, :]
+  q = q_pos_BT[:, :, None]
+  return (k >= 0) & ((k <= q) if include_self else (k < q))
+
+
+def causal_self_attention(q_BTNH, k_BKTH, v_BKTH, pos_BT, chunk: int = DEFAULT_CHUNK):
+  """Causal attention of T tokens over themselves (prefill / training), block by block.
+
+  Query chunk c only reads keys [0, end of c): the blocks above the diagonal are never computed, which halves
+  the work at long prompts. Positions must increase along T (left padding has negative positions).
+  """
+  T = q_BTNH.shape[1]
+  outs = []
+  for c0 in range(0, T, chunk):
+    c1 = min(T, c0 + chunk)
+    mask = causal_mask(pos_BT[:, c0:c1], pos_BT[:, :c1])
+    outs.append(masked_attention(q_BTNH[:, c0:c1], k_BKTH[:, :, :c1], v_BKTH[:, :, :c1], mask))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def aligned_attention(q_BTNH, k_pred_BKTH, v_pred_BKTH, k_own_BKTH, v_own_BKTH, pos_BT):
+  """Each query attends to *predicted* K/V strictly before it and to its *own* K/V at itself.
+
+  This is what KV-Prediction inference does for the last prompt token (predicted cache + own KV), applied to
+  every position at once for training (`--attention_mode=aligned`).
+  """
+  s_pred = scores(q_BTNH, k_pred_BKTH)  # [B, K, G, T, S=T]
+  mask = causal_mask(pos_BT, pos_BT, include_self=False)
+  s_pred = jnp.where(mask[:, None, None], s_pred, _MASKED)
+  B, T, N, H = q_BTNH.shape
+  K = k_own_BKTH.shape[1]
+  q = q_BTNH.reshape(B, T, K, N // K, H)
+  s_self = jnp.einsum("BTKGH,BKTH->BKGT", q, k_own_BKTH, preferred_element_type=jnp.float32) * (H ** -0.5)
+  s_all = jnp.concatenate([s_pred, s_self[..., None]], axis=-1)
+  p = jax.nn.softmax(s_all, axis=-1)
+  o_pred = _weighted_values(p[..., :-1], v_pred_BKTH, jnp.float32)
+  o_self = jnp.einsum("BKGT,BKTH->BTKGH", p[..., -1], v_own_BKTH.astype(jnp.float32)).reshape(B, T, N, H)
+  return (o_pred + o_self).astype(q_BTNH.dtype)
