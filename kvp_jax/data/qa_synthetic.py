@@ -1,0 +1,183 @@
+"""Seeded long-context question answering where the answer must be copied out of the context.
+
+A stand-in for TriviaQA/SQuAD that a small model can learn in minutes on CPU, yet that a model unable to
+attend precisely over the whole context must fail:
+- entity names and attributes come from small fixed vocabularies, so they are learnable;
+- values are uniformly random 4-digit numbers, unique within a document, so no prior guesses them;
+- distractors reuse the asked attribute for other people, give the asked person other attributes, and give
+  other people the asked person's first or last name, so only the exact (person, attribute) pair answers.
+
+One hop:  "The vault code of Mira Holt is 4827." ... "Question: What is the vault code of Mira Holt?\\nAnswer:"
+Two hops: "Mira Holt works at Stone Harbor." ... "The door code of Stone Harbor is 9912." ...
+          "Question: What is the door code of the place where Mira Holt works?\\nAnswer:"
+
+`num_facts` sets the length. With a 2048-token byte-level BPE trained on the default mix and the default
+filler share, a prompt is about 15 tokens per fact for one hop and 13 for two (measured: 20 facts ~ 300
+tokens, 160 facts ~ 2370 one-hop / 2080 two-hop), so the default range (16, 136) spans ~256-2048 tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+
+FIRST_NAMES = ("Mira", "Lena", "Omar", "Ravi", "Tess", "Ivan", "Nora", "Jude", "Kai", "Zara", "Milo", "Ines",
+               "Hugo", "Aya", "Theo", "Lila", "Sven", "Noor", "Elio", "Ruth", "Axel", "Yuki", "Dara", "Finn")
+LAST_NAMES = ("Holt", "Stone", "Reyes", "Park", "Moss", "Vance", "Quinn", "Lowe", "Hart", "Shaw", "Frey",
+              "Dunn", "Kerr", "Nash", "Pike", "Webb", "Rhee", "Salo", "Marsh", "Cole", "Ives", "Lund", "Baird",
+              "Oakes")
+PERSON_ATTRIBUTES = ("vault code", "locker number", "badge number", "room number", "phone extension",
+                     "bike lock code", "seat number", "desk number")
+PLACE_FIRST = ("Stone", "Red", "North", "Silver", "Cedar", "Iron", "Clear", "Blue", "Oak", "East", "Gold", "Fox")
+PLACE_SECOND = ("Harbor", "Mill", "Point", "Bridge", "Hall", "Yard", "Gate", "Works", "Court", "Depot", "Field",
+                "Tower")
+PLACE_ATTRIBUTES = ("door code", "gate number", "alarm code", "dock number", "mailbox number", "vault code")
+FILLER = (
+    "The weather stayed mild for most of the week.",
+    "Nobody remembered who had painted the fence.",
+    "A delivery truck passed by just after noon.",
+    "The meeting was moved to the following Tuesday.",
+    "Several lamps in the hallway needed new bulbs.",
+    "The old clock in the lobby ran a little fast.",
+    "Someone left a green umbrella by the entrance.",
+    "The coffee machine on the second floor was broken again.",
+    "Rain was expected later in the evening.",
+    "The parking lot was almost empty on Sunday.",
+    "A new poster about fire safety went up in the kitchen.",
+    "The library closed early because of the holiday.",
+    "Two pigeons nested under the roof of the garage.",
+    "The printer ran out of paper twice that morning.",
+    "A quiet tune played from a radio down the street.",
+    "The elevator inspection took most of the afternoon.",
+)
+
+
+def _person_name(rng: random.Random, first: str | None = None, last: str | None = None) -> str:
+  return f"{first or rng.choice(FIRST_NAMES)} {last or rng.choice(LAST_NAMES)}"
+
+
+def _distinct_people(rng: random.Random, k: int, anchor: str) -> list[str]:
+  """`anchor` first, then k-1 other people, half of them sharing its first or last name."""
+  first, last = anchor.split(" ")
+  people = [anchor]
+  taken = {anchor}
+  tries = 0
+  while len(people) < k:
+    tries += 1
+    if tries > 100 * k:
+      raise ValueError(f"cannot draw {k} distinct people from {len(FIRST_NAMES) * len(LAST_NAMES)} names")
+    r = rng.random()
+    name = _person_name(rng, first=first if r < 0.25 else None, last=last if 0.25 <= r < 0.5 else None)
+    if name not in taken:
+      taken.add(name)
+      people.append(name)
+  return people
+
+
+def _place_names(rng: random.Random, k: int) -> list[str]:
+  names = [f"{a} {b}" for a in PLACE_FIRST for b in PLACE_SECOND]
+  if k > len(names):
+    raise ValueError(f"cannot draw {k} distinct places from {len(names)}")
+  return rng.sample(names, k)
+
+
+def make_example(rng: random.Random, num_facts: int, hops: int = 1, filler_ratio: float = 0.3) -> dict:
+  """One example: dict(context, question, answer, completion, prompt, hops).
+
+  num_facts: fact sentences in the context, the one or two needed facts included; the rest are distractors.
+  filler_ratio: filler sentences per fact sentence (0.3 adds 3 fillers per 10 facts).
+  `prompt + completion` is the exact text a model should produce; `answer` is the bare value.
+  """
+  if hops not in (1, 2):
+    raise ValueError(f"hops must be 1 or 2, got {hops}")
+  if num_facts < 2 * hops:
+    raise ValueError(f"num_facts={num_facts} is too small for {hops} hop(s); need at least {2 * hops}")
+  values = iter(str(v) for v in rng.sample(range(1000, 10000), num_facts))
+  target = _person_name(rng)
+  if hops == 1:
+    attribute = rng.choice(PERSON_ATTRIBUTES)
+    # Each distractor is a (person, attribute) pair other than the asked one; about a third of them use the asked
+    # attribute, a third the asked person, the rest anything.
+    people = _distinct_people(rng, max(2, num_facts // 2), target)
+    pairs = {(target, attribute)}
+    lines = []
+    answer = next(values)
+    lines.append(f"The {attribute} of {target} is {answer}.")
+    while len(lines) < num_facts:
+      r = rng.random()
+      who = target if r < 0.3 else rng.choice(people[1:])
+      what = attribute if 0.3 <= r < 0.65 else rng.choice(PERSON_ATTRIBUTES)
+      if (who, what) in pairs:
+        continue
+      pairs.add((who, what))
+      lines.append(f"The {what} of {who} is {next(values)}.")
+    question = f"What is the {attribute} of {target}?"
+  else:
+    attribute = rng.choice(PLACE_ATTRIBUTES)
+    # Half the facts say who works where (every person at a different place), half give place attributes;
+    # every place named in a "works at" line gets the asked attribute too, so the first hop is necessary.
+    n_people = max(2, num_facts // 2)
+    people = _distinct_people(rng, n_people, target)
+    places = _place_names(rng, min(n_people, len(PLACE_FIRST) * len(PLACE_SECOND)))
+    work = list(zip(people, places))
+    lines = [f"{p} works at {q}." for p, q in work]
+    answer = next(values)
+    lines.append(f"The {attribute} of {places[0]} is {answer}.")
+    pairs = {(places[0], attribute)}
+    for q in places[1:]:
+      if len(lines) >= num_facts:
+        break
+      pairs.add((q, attribute))
+      lines.append(f"The {attribute} of {q} is {next(values)}.")
+    while len(lines) < num_facts:
+      q, what = rng.choice(places), rng.choice(PLACE_ATTRIBUTES)
+      if (q, what) in pairs:
+        continue
+      pairs.add((q, what))
+      lines.append(f"The {what} of {q} is {next(values)}.")
+    question = f"What is the {attribute} of the place where {target} works?"
+  lines += [rng.choice(FILLER) for _ in range(int(round(filler_ratio * num_facts)))]
+  rng.shuffle(lines)
+  context = "\n".join(lines)
+  return dict(context=context, question=question, answer=answer, completion=f" {answer}",
+              prompt=f"{context}\nQuestion: {question}\nAnswer:", hops=hops)
+
+
+def make_dataset(n: int, seed: int, num_facts_range: tuple[int, int] = (16, 136), hops: int = 1,
+                 filler_ratio: float = 0.3) -> list[dict]:
+  """n examples; each draws num_facts uniformly from the inclusive range. Same seed, same examples."""
+  lo, hi = num_facts_range
+  rng = random.Random(seed)
+  return [make_example(rng, rng.randint(lo, hi), hops=hops, filler_ratio=filler_ratio) for _ in range(n)]
+
+
+def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16, 136),
+                       hops: tuple[int, ...] = (1, 2), filler_ratio: float = 0.3) -> list[str]:
+  """Pretraining texts `prompt + completion + "\\n"`, hop counts alternating through `hops`.
+
+  Use a different seed from the evaluation set's; with ~10^4 names and 9000 values, overlap is negligible.
+  """
+  rng = random.Random(seed)
+  lo, hi = num_facts_range
+  docs = []
+  for i in range(n):
+    ex = make_example(rng, rng.randint(lo, hi), hops=hops[i % len(hops)], filler_ratio=filler_ratio)
+    docs.append(ex["prompt"] + ex["completion"] + "\n")
+  return docs
+
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+  """SQuAD's normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+  return " ".join(_ARTICLES.sub(" ", _PUNCT.sub("", text.lower())).split())
+
+
+def exact_match(prediction: str, answer: str | list[str] | tuple[str, ...]) -> bool:
+  """Whether the prediction, cut at its first newline, equals the answer (or any alias) after normalisation."""
+  answers = [answer] if isinstance(answer, str) else list(answer)
+  pred = normalize_answer(prediction.split("\n", 1)[0])
+  return any(pred == normalize_answer(a) for a in answers)

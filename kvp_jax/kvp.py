@@ -1,0 +1,91 @@
+"""KV Prediction inference: the aux model reads the prompt, the predictor fills the base's cache, the base
+emits the first token from it and generates alone afterwards (METHOD.md, "Inference").
+
+Prompts are left-padded [B, T] with per-row `starts` (kvp_jax/cache.py), so every row's last prompt token sits
+in the last column: the aux reads columns [0, T-1), the base reads column T-1.
+Shape legend: see kvp_jax/config.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kvp_jax import cache as kv_cache
+from kvp_jax import model, predictor
+from kvp_jax.cache import KVCache
+from kvp_jax.params import Params
+from kvp_jax.predictor import KVPConfig, PredictorParams
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVPParams:
+  """The trained half of KV Prediction: the auxiliary model and the predictor (the base stays frozen)."""
+  aux: Params
+  pred: PredictorParams
+
+  def replace(self, **kw) -> "KVPParams":
+    return dataclasses.replace(self, **kw)
+
+
+def positions(tokens_BT, starts_B):
+  T = tokens_BT.shape[1]
+  return jnp.arange(T, dtype=jnp.int32)[None, :] - jnp.asarray(starts_B, jnp.int32)[:, None]
+
+
+def predict_layers(kcfg: KVPConfig, kp: KVPParams, tokens_BT, positions_BT):
+  """Runs the aux model and the predictor: L_B x LayerKV of pre-RoPE keys and values, [B, T, K, H] each."""
+  aux_out = model.forward_layers(kcfg.aux, kp.aux, tokens_BT, positions_BT, compute_logits=False,
+                                 **predictor.collect_flags(kcfg.kind))
+  return predictor.predict(kcfg, kp.pred, aux_out)
+
+
+def cache_from_layers(kcfg: KVPConfig, base: Params, kv, starts_B, positions_BT, max_len: int) -> KVCache:
+  """Predicted pre-RoPE K/V -> a base KVCache: the base's key norm and RoPE at the true positions."""
+  ks = jnp.stack([kv_cache.keys_to_cache(kcfg.base, lp.k_norm, l.k, positions_BT)
+                  for lp, l in zip(base.layers, kv)])
+  vs = jnp.stack([l.v for l in kv])
+  return kv_cache.from_layers(ks, vs, starts_B, max_len, dtype=base.embed.dtype)
+
+
+def predict_cache(kcfg: KVPConfig, base: Params, kp: KVPParams, tokens_BT, starts_B, max_len: int) -> KVCache:
+  """The base cache KV Prediction builds for all T columns of `tokens` (no base compute but key norm/RoPE)."""
+  pos = positions(tokens_BT, starts_B)
+  return cache_from_layers(kcfg, base, predict_layers(kcfg, kp, tokens_BT, pos), starts_B, pos, max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("kcfg", "max_len"))
+def kvp_prefill(kcfg: KVPConfig, base: Params, kp: KVPParams, tokens_BT, starts_B, max_len: int):
+  """TTFT path: aux + predictor on the first T-1 columns, then the base's step on the last column.
+
+  Returns (logits [B, V] for the first generated token, the base cache holding T prompt slots).
+  """
+  T = tokens_BT.shape[1]
+  if T < 2:
+    raise ValueError("KV Prediction needs prompts of at least 2 tokens (the aux reads all but the last)")
+  if T > max_len:
+    raise ValueError(f"prompt of {T} tokens does not fit a cache of max_len={max_len}; raise max_len")
+  c = predict_cache(kcfg, base, kp, tokens_BT[:, :-1], starts_B, max_len)
+  return model.forward(kcfg.base, base, tokens_BT[:, -1:], None, c, all_logits=False)
+
+
+@functools.partial(jax.jit, static_argnames=("kcfg", "max_len"))
+def predicted_and_true_cache(kcfg: KVPConfig, base: Params, kp: KVPParams, tokens_BT, starts_B, max_len: int):
+  """Both caches for the same T prompt slots, to compare like with like: (predicted, base's own)."""
+  pred = predict_cache(kcfg, base, kp, tokens_BT, starts_B, max_len)
+  _, true = model.prefill(kcfg.base, base, tokens_BT, starts_B, max_len)
+  return pred, true
+
+
+def layer_errors(pred: KVCache, true: KVCache) -> dict[str, Any]:
+  """Mean |pred - true| of K and of V per layer over real (non-padding) slots: {'k': [L], 'v': [L]}."""
+  valid = (true.slot_positions() >= 0) & (jnp.arange(true.max_len)[None] < true.end)  # [B, S]
+  w = valid[None, :, None, :, None].astype(jnp.float32)
+  denom = jnp.maximum(w.sum((1, 2, 3, 4)), 1.0) * true.k.shape[2] * true.k.shape[4]
+  err = lambda a, b: (jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)) * w).sum((1, 2, 3, 4)) / denom
+  return {"k": err(pred.k, true.k), "v": err(pred.v, true.v)}

@@ -1,0 +1,176 @@
+"""The two training stages as library functions with plain arguments (flags live in kvp_jax/train.py).
+
+- `pretrain`: language-model training of any decoder (a small base, a KVP-C aux, or a layer-pruned copy of a
+  checkpoint fine-tuned alone, the paper's baseline).
+- `kvp`: KV Prediction against a frozen base: the aux model and the predictor train, the base never does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from kvp_jax import aux_models, checkpointing, losses, predictor, sharding
+from kvp_jax import params as P
+from kvp_jax import train_lib
+from kvp_jax.config import ModelConfig
+from kvp_jax.data import pipeline
+from kvp_jax.data import tokenizer as tok_lib
+from kvp_jax.predictor import KVPConfig
+
+EMBEDDED = "embedded"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = EMBEDDED  # "embedded" (stdlib code + synthetic QA), a path, "glob:..." or "hf:name[:cfg][:split]"
+  num_qa_docs: int = 2000
+  seq_len: int = 256
+  batch_size: int = 8
+  seed: int = 0
+
+
+def texts_for(dc: DataConfig) -> list[str]:
+  if dc.source == EMBEDDED:
+    return pipeline.mixed_pretraining_texts(num_qa_docs=dc.num_qa_docs, seed=dc.seed)
+  return pipeline.load_texts(dc.source)
+
+
+def tokenizer_dir(checkpoint: str | Path) -> Path:
+  """A pretrain workdir keeps its tokenizer in `tokenizer/`; a Hugging Face directory holds it itself."""
+  p = Path(checkpoint)
+  return p / "tokenizer" if (p / "tokenizer" / "tokenizer.json").exists() else p
+
+
+def get_tokenizer(spec: str, workdir: Path, texts: list[str] | None):
+  """`train:VOCAB` trains one into workdir/tokenizer (reused on resume); anything else is loaded."""
+  if spec.startswith("train:"):
+    out = workdir / "tokenizer"
+    if (out / "tokenizer.json").exists():
+      return tok_lib.load_tokenizer(out)
+    logging.info("training a %s-token BPE tokenizer on %d documents", spec[6:], len(texts))
+    return tok_lib.train_tokenizer(texts, int(spec[6:]), out)
+  tok = tok_lib.load_tokenizer(tokenizer_dir(spec))
+  if workdir is not None and not (workdir / "tokenizer" / "tokenizer.json").exists():
+    tok.save_pretrained(str(workdir / "tokenizer"))  # every workdir carries the tokenizer it was trained with
+  return tok
+
+
+def _check_vocab(cfg: ModelConfig, tok, what: str):
+  if len(tok) > cfg.vocab_size:
+    raise ValueError(f"{what} has vocab_size={cfg.vocab_size} but the tokenizer has {len(tok)} tokens; "
+                     "use the model's own tokenizer or a larger vocab_size")
+
+
+def _data_iter(dc: DataConfig, texts, tok):
+  return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed)
+
+
+def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_keep: tuple[int, ...] | None,
+             tokenizer: str, data: DataConfig, steps: int, optim: train_lib.OptimConfig, z_loss: float,
+             mesh, save_every: int, log_every: int, seed: int = 0, fail_at_step: int | None = None):
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  texts = texts_for(data)
+  tok = get_tokenizer(tokenizer, workdir, texts)
+  if init_checkpoint:
+    cfg, init_params = checkpointing.load_model(init_checkpoint)
+    if lp_keep is not None:
+      cfg, init_params = aux_models.prune_layers(cfg, init_params, lp_keep)
+    if model:
+      raise ValueError("pass either --model (a fresh config) or --init_checkpoint, not both")
+    make = lambda: init_params
+  else:
+    if not model:
+      raise ValueError("--stage=pretrain needs --model (a JSON ModelConfig) or --init_checkpoint")
+    cfg = ModelConfig.from_dict({"vocab_size": len(tok), **model})
+    make = lambda: P.init(cfg, jax.random.PRNGKey(seed))
+  _check_vocab(cfg, tok, "the model")
+  checkpointing.write_json(workdir / checkpointing.MODEL_CONFIG, cfg.to_dict())
+  logging.info("pretraining a %.2fM-parameter %s model for %d steps", cfg.num_params() / 1e6, cfg.architecture,
+               steps)
+  loss_fn = lambda p, batch: losses.lm_loss(cfg, p, batch, z_loss)
+  return train_lib.train(workdir=workdir, loss_fn=loss_fn, init_trainable=make, logical_axes=P.logical_axes(cfg),
+                         data_iter=_data_iter(data, texts, tok), steps=steps, optim=optim, mesh=mesh,
+                         tokens_per_step=data.seq_len * data.batch_size, save_every=save_every,
+                         log_every=log_every, fail_at_step=fail_at_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxSpec:
+  kind: str = "lp"  # "lp": layer-pruned base; "c": a separate smaller model
+  lp_keep_fraction: float = 0.5
+  lp_keep_layers: tuple[int, ...] | None = None
+  checkpoint: str | None = None  # for "c": a pretrain workdir or Hugging Face dir
+  model: dict | None = None  # for "c" from scratch: ModelConfig fields
+
+
+def build_aux(spec: AuxSpec, base_cfg: ModelConfig, base: P.Params, seed: int):
+  """(aux_cfg, aux_params, default layer map)."""
+  if spec.kind == "lp":
+    keep = spec.lp_keep_layers or aux_models.lp_keep_layers(base_cfg.num_layers, spec.lp_keep_fraction)
+    aux_cfg, aux = aux_models.prune_layers(base_cfg, base, keep)
+    return aux_cfg, aux, aux_models.lp_layer_map(base_cfg.num_layers, keep)
+  if spec.kind != "c":
+    raise ValueError(f"unknown aux kind {spec.kind!r}; choose 'lp' or 'c'")
+  if spec.checkpoint:
+    aux_cfg, aux = checkpointing.load_model(spec.checkpoint)
+  elif spec.model:
+    aux_cfg = ModelConfig.from_dict({"vocab_size": base_cfg.vocab_size, **spec.model})
+    aux = P.init(aux_cfg, jax.random.PRNGKey(seed + 1))
+  else:
+    raise ValueError("--aux=c needs --aux_checkpoint or --aux_model")
+  aux_models.check_compatible(base_cfg, aux_cfg)
+  return aux_cfg, aux, aux_models.c_layer_map(base_cfg.num_layers, aux_cfg.num_layers)
+
+
+def kvp(*, workdir, base_checkpoint: str, aux: AuxSpec, predictor_kind: str, predictor_init: str,
+        layer_map: tuple[int, ...] | None, loss: losses.KVPLossConfig, freeze_aux: bool, data: DataConfig,
+        steps: int, optim: train_lib.OptimConfig, mesh, save_every: int, log_every: int, seed: int = 0,
+        fail_at_step: int | None = None):
+  workdir = Path(workdir)
+  if not base_checkpoint:
+    raise ValueError("--stage=kvp needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
+  base_cfg, base = checkpointing.load_model(base_checkpoint)
+  aux_cfg, aux_params, default_map = build_aux(aux, base_cfg, base, seed)
+  if aux.kind == "c" and aux.checkpoint:
+    try:
+      aux_models.check_compatible(base_cfg, aux_cfg, tok_lib.load_tokenizer(tokenizer_dir(base_checkpoint)),
+                                  tok_lib.load_tokenizer(tokenizer_dir(aux.checkpoint)))
+    except ValueError as e:
+      if "mismatch" in str(e):
+        raise
+      logging.warning("could not compare tokenizers (%s); vocab sizes match", e)
+  lm = aux_models.check_layer_map(layer_map or default_map, base_cfg.num_layers, aux_cfg.num_layers)
+  kcfg = KVPConfig(base=base_cfg, aux=aux_cfg, kind=predictor_kind, layer_map=lm)
+  workdir.mkdir(parents=True, exist_ok=True)
+  texts = texts_for(data)
+  tok = get_tokenizer(str(base_checkpoint), workdir, texts)
+  _check_vocab(base_cfg, tok, "the base")
+  checkpointing.write_json(workdir / checkpointing.KVP_CONFIG, {
+      "kvp": kcfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
+          base_checkpoint).exists() else base_checkpoint,
+      "loss": dataclasses.asdict(loss), "aux": dataclasses.asdict(aux), "freeze_aux": freeze_aux})
+  pred0 = predictor.init(kcfg, jax.random.PRNGKey(seed + 2), how=predictor_init)
+  base_f = jax.tree.map(jnp.asarray, base)  # frozen: closed over, no grads, no optimizer state
+  frozen = {"aux": aux_params} if freeze_aux else {}
+  loss_fn = lambda t, batch: losses.kvp_loss(kcfg, loss, t, frozen, base_f, batch)
+  init_trainable = (lambda: {"pred": pred0}) if freeze_aux else (lambda: {"aux": aux_params, "pred": pred0})
+  pred_axes = predictor.PredictorParams(wk=(None, None, None), bk=(None, None), wv=(None, None, None),
+                                        bv=(None, None))
+  axes = {"pred": pred_axes} if freeze_aux else {"aux": P.logical_axes(aux_cfg), "pred": pred_axes}
+  logging.info("KV Prediction: base %.2fM params (%d layers) <- aux %.2fM (%d layers), predictor %s, map %s",
+               base_cfg.num_params() / 1e6, base_cfg.num_layers, aux_cfg.num_params() / 1e6, aux_cfg.num_layers,
+               predictor_kind, lm)
+  to_saved = (lambda t: {"aux": aux_params, **t}) if freeze_aux else None
+  trainable, rows = train_lib.train(
+      workdir=workdir, loss_fn=loss_fn, init_trainable=init_trainable, logical_axes=axes,
+      data_iter=_data_iter(data, texts, tok), steps=steps, optim=optim, mesh=mesh,
+      tokens_per_step=data.seq_len * data.batch_size, save_every=save_every, log_every=log_every,
+      fail_at_step=fail_at_step, params_for_checkpoint=to_saved)
+  return trainable, rows

@@ -1,0 +1,127 @@
+"""`python -m kvp_jax.train --flagfile=configs/tiny_kvp.flags [--flag=value ...]`
+
+Flags given on the command line after --flagfile override it. A workdir that already holds a checkpoint is
+resumed from it (parameters, optimizer, data position and step), so rerunning the same command after a crash
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+F = flags.FLAGS
+flags.DEFINE_enum("stage", "pretrain", ["pretrain", "kvp"], "What to train.")
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, tokenizer and configs go here.")
+flags.DEFINE_integer("steps", 100, "Total optimizer steps (a resumed run continues up to this).")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
+# data
+flags.DEFINE_string("data", "embedded", "'embedded' (stdlib code + synthetic QA), a file/dir, 'glob:...', or "
+                    "'hf:name[:config][:split]'.")
+flags.DEFINE_integer("num_qa_docs", 2000, "Synthetic QA documents in the embedded corpus.")
+flags.DEFINE_integer("seq_len", 256, "Training sequence length (documents are packed).")
+flags.DEFINE_integer("batch_size", 8, "Global batch size in sequences.")
+flags.DEFINE_string("tokenizer", "train:2048", "pretrain: a tokenizer directory, or train:VOCAB to train one "
+                    "into the workdir. kvp uses the base checkpoint's tokenizer.")
+# models
+flags.DEFINE_string("model", None, "pretrain: ModelConfig fields as JSON (vocab_size defaults to the tokenizer's).")
+flags.DEFINE_string("init_checkpoint", None, "pretrain: start from this workdir / Hugging Face directory.")
+flags.DEFINE_float("lp_keep_fraction", None, "Keep 0.25/0.5/0.75 of the layers (KVP-LP rules): for --aux=lp, "
+                   "or to prune --init_checkpoint when pretraining a layer-pruned model alone.")
+flags.DEFINE_list("lp_keep_layers", None, "Explicit kept layer indices (overrides --lp_keep_fraction).")
+flags.DEFINE_string("base_checkpoint", None, "kvp: the frozen base (pretrain workdir or Hugging Face dir).")
+flags.DEFINE_enum("aux", "lp", ["lp", "c"], "kvp: layer-pruned base copy (KVP-LP) or a separate model (KVP-C).")
+flags.DEFINE_string("aux_checkpoint", None, "kvp --aux=c: the auxiliary model (pretrain workdir or HF dir).")
+flags.DEFINE_string("aux_model", None, "kvp --aux=c from scratch: ModelConfig fields as JSON.")
+flags.DEFINE_string("predictor", "kv", "kvp: 'kv' (from aux K/V) or 'activation' (from aux layer inputs).")
+flags.DEFINE_enum("predictor_init", "identity", ["identity", "random"], "identity where widths match.")
+flags.DEFINE_list("layer_map", None, "kvp: aux layer feeding each base layer (overrides the paper's map).")
+flags.DEFINE_bool("freeze_aux", False, "kvp: train only the predictor.")
+# loss
+flags.DEFINE_float("w_base", 1.0, "Weight of the base CE computed with predicted KV.")
+flags.DEFINE_float("w_aux", 1.0, "Weight of the aux CE.")
+flags.DEFINE_float("lambda_c", 1.0, "Scale of the K/V consistency L1 term.")
+flags.DEFINE_enum("kv_reduce", "mean", ["mean", "sum"], "Consistency loss over layers: mean (lambda_C=1/n_B) or sum.")
+flags.DEFINE_float("z_loss", 1e-4, "z-loss coefficient (times logsumexp^2).")
+flags.DEFINE_float("qk_weight", 0.0, "Weight of the query-key similarity loss (0 = off).")
+flags.DEFINE_enum("attention_mode", "corenet", ["corenet", "aligned"], "How base queries see predicted KV in training.")
+# optimisation
+flags.DEFINE_float("lr", 1.2e-3, "Peak learning rate.")
+flags.DEFINE_float("min_lr_ratio", 0.1, "Cosine decays to lr * this.")
+flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps.")
+flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
+flags.DEFINE_float("clip", 1.0, "Global gradient-norm clip.")
+# infrastructure
+flags.DEFINE_integer("mesh_data", -1, "Devices on the data axis (-1: all left by --mesh_model).")
+flags.DEFINE_integer("mesh_model", 1, "Devices on the model axis (heads / MLP width).")
+flags.DEFINE_integer("log_every", 10, "Log and write metrics every N steps.")
+flags.DEFINE_integer("save_every", 100, "Checkpoint every N steps (and at the end).")
+flags.DEFINE_integer("fail_at_step", None, "Testing: exit abruptly after this step, as a crash would.")
+flags.mark_flag_as_required("workdir")
+
+
+def _json_flag(name):
+  v = getattr(F, name)
+  if v is None:
+    return None
+  try:
+    return json.loads(v)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--{name} is not valid JSON ({e.msg}); example: --{name}='{{\"hidden_size\": 128}}'") from None
+
+
+def _ints(v):
+  return None if v is None else tuple(int(x) for x in v)
+
+
+def run():
+  from kvp_jax import aux_models, losses, sharding, stages, train_lib  # after flag parsing: keeps --help fast
+  mesh = sharding.make_mesh(F.mesh_data, F.mesh_model)
+  optim = train_lib.OptimConfig(lr=F.lr, min_lr_ratio=F.min_lr_ratio, warmup_steps=F.warmup_steps,
+                                weight_decay=F.weight_decay, clip=F.clip)
+  data = stages.DataConfig(source=F.data, num_qa_docs=F.num_qa_docs, seq_len=F.seq_len,
+                           batch_size=F.batch_size, seed=F.seed)
+  common = dict(workdir=F.workdir, data=data, steps=F.steps, optim=optim, mesh=mesh, save_every=F.save_every,
+                log_every=F.log_every, seed=F.seed, fail_at_step=F.fail_at_step)
+  if F.stage == "pretrain":
+    keep = _ints(F.lp_keep_layers)
+    if keep is None and F.lp_keep_fraction is not None:
+      from kvp_jax import checkpointing
+      if not F.init_checkpoint:
+        raise ValueError("--lp_keep_fraction in pretraining prunes --init_checkpoint; pass one")
+      n = checkpointing.load_model(F.init_checkpoint)[0].num_layers
+      keep = aux_models.lp_keep_layers(n, F.lp_keep_fraction)
+    _, rows = stages.pretrain(model=_json_flag("model"), init_checkpoint=F.init_checkpoint, lp_keep=keep,
+                              tokenizer=F.tokenizer, z_loss=F.z_loss, **common)
+  else:
+    aux = stages.AuxSpec(kind=F.aux, lp_keep_fraction=F.lp_keep_fraction or 0.5,
+                         lp_keep_layers=_ints(F.lp_keep_layers), checkpoint=F.aux_checkpoint,
+                         model=_json_flag("aux_model"))
+    loss = losses.KVPLossConfig(w_base=F.w_base, w_aux=F.w_aux, lambda_c=F.lambda_c, kv_reduce=F.kv_reduce,
+                                z_loss=F.z_loss, qk_weight=F.qk_weight, attention_mode=F.attention_mode)
+    _, rows = stages.kvp(base_checkpoint=F.base_checkpoint, aux=aux, predictor_kind=F.predictor,
+                         predictor_init=F.predictor_init, layer_map=_ints(F.layer_map), loss=loss,
+                         freeze_aux=F.freeze_aux, **common)
+  if rows:
+    logging.info("done: first logged loss %.4f, last %.4f (%s/metrics.jsonl)", rows[0]["loss"], rows[-1]["loss"],
+                 F.workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  from kvp_jax.hf_checkpoint import CheckpointError
+  # orbax logs every step of every save at INFO; keep the log to our progress lines.
+  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
+  try:
+    run()
+  except (ValueError, CheckpointError, FileNotFoundError) as e:
+    # Bad input gets one line saying what was wrong and what to do, not a traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

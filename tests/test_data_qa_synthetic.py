@@ -1,0 +1,77 @@
+"""Tests for kvp_jax.data.qa_synthetic: determinism, a unique answer in context, two-hop chains, EM scoring."""
+
+import random
+import re
+
+import pytest
+
+from kvp_jax.data import qa_synthetic as qa
+
+ONE_HOP_Q = re.compile(r"What is the (.+) of (\w+ \w+)\?")
+TWO_HOP_Q = re.compile(r"What is the (.+) of the place where (\w+ \w+) works\?")
+
+
+def test_same_seed_same_examples():
+  a = qa.make_dataset(5, seed=7, num_facts_range=(10, 30))
+  b = qa.make_dataset(5, seed=7, num_facts_range=(10, 30))
+  c = qa.make_dataset(5, seed=8, num_facts_range=(10, 30))
+  assert a == b
+  assert a != c
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_one_hop_answer_appears_once_for_the_asked_pair(seed):
+  ex = qa.make_example(random.Random(seed), num_facts=60, hops=1)
+  attribute, person = ONE_HOP_Q.fullmatch(ex["question"]).groups()
+  lines = ex["context"].split("\n")
+  assert lines.count(f"The {attribute} of {person} is {ex['answer']}.") == 1
+  assert len([l for l in lines if l.startswith(f"The {attribute} of {person} is ")]) == 1
+  assert len(re.findall(rf"\b{ex['answer']}\b", ex["context"])) == 1
+  # Distractors: the same attribute for others, and the same person with other attributes.
+  assert any(l.startswith(f"The {attribute} of ") and person not in l for l in lines)
+  assert any(l.startswith("The ") and l.endswith(".") and f" of {person} is " in l and attribute not in l
+             for l in lines)
+  assert ex["prompt"] == f"{ex['context']}\nQuestion: {ex['question']}\nAnswer:"
+  assert ex["completion"] == " " + ex["answer"] and re.fullmatch(r"\d{4}", ex["answer"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_two_hop_answer_follows_the_chain(seed):
+  ex = qa.make_example(random.Random(seed), num_facts=40, hops=2)
+  attribute, person = TWO_HOP_Q.fullmatch(ex["question"]).groups()
+  lines = ex["context"].split("\n")
+  works = [l for l in lines if l.startswith(f"{person} works at ")]
+  assert len(works) == 1
+  place = works[0].removeprefix(f"{person} works at ").removesuffix(".")
+  assert lines.count(f"The {attribute} of {place} is {ex['answer']}.") == 1
+  assert len(re.findall(rf"\b{ex['answer']}\b", ex["context"])) == 1
+  # The first hop is needed: other places carry the asked attribute too.
+  assert len([l for l in lines if l.startswith(f"The {attribute} of ")]) > 1
+  assert ex["hops"] == 2
+
+
+def test_length_grows_with_num_facts_and_bad_arguments_fail():
+  rng = random.Random(0)
+  short, long = qa.make_example(rng, 16)["prompt"], qa.make_example(rng, 136)["prompt"]
+  assert 5 * len(short) < len(long)
+  with pytest.raises(ValueError, match="hops"):
+    qa.make_example(rng, 10, hops=3)
+  with pytest.raises(ValueError, match="num_facts"):
+    qa.make_example(rng, 3, hops=2)
+
+
+def test_training_documents_are_prompt_plus_answer_and_alternate_hops():
+  docs = qa.training_documents(4, seed=1, num_facts_range=(8, 12))
+  assert len(docs) == 4 and all(re.search(r"\nAnswer: \d{4}\n\Z", d) for d in docs)
+  assert "works at" not in docs[0] and "where" in docs[1].rsplit("Question:", 1)[1]
+  assert docs == qa.training_documents(4, seed=1, num_facts_range=(8, 12))
+
+
+def test_exact_match_normalisation():
+  assert qa.exact_match(" 4827\nQuestion: next", "4827")
+  assert qa.exact_match("4827.", " 4827")
+  assert qa.exact_match("  The Stone Harbor! ", "stone harbor")
+  assert qa.exact_match("sunset blvd", ["Sunset Boulevard", "Sunset Blvd"])
+  assert not qa.exact_match("48271", "4827")
+  assert not qa.exact_match("\n4827", "4827")  # the prediction is cut at its first newline
+  assert not qa.exact_match("", "4827")
