@@ -75,6 +75,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
     raise CheckpointError("mlp_bias=True is not supported (no Llama/Qwen checkpoint we target uses it)")
   if hf.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"hidden_act={hf.get('hidden_act')!r} is not supported; kvp_jax implements SwiGLU (silu)")
+  if arch != "qwen2" and hf.get("attention_bias"):
+    raise CheckpointError(f"attention_bias=True on {HF_BY_ARCH[arch]} also biases o_proj, which kvp_jax does not "
+                          "implement; only Qwen2's q/k/v biases are supported")
   theta, scaling = _rope_from_hf(hf)
   n_heads = hf["num_attention_heads"]
   eos = hf.get("eos_token_id")
@@ -85,12 +88,16 @@ def config_from_hf(hf: dict) -> ModelConfig:
       num_kv_heads=hf.get("num_key_value_heads") or n_heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, rope_theta=theta, rope_scaling=scaling,
       rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      attention_bias=True if arch == "qwen2" else bool(hf.get("attention_bias", False)),
+      attention_bias=arch == "qwen2",
       qk_norm=arch == "qwen3", max_position_embeddings=hf.get("max_position_embeddings", 4096),
       architecture=arch, bos_token_id=hf.get("bos_token_id"), eos_token_id=eos)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+  if cfg.attention_bias and cfg.architecture != "qwen2":
+    # transformers' Llama/Qwen3 tie an o_proj bias to the same flag; it would load randomly initialised.
+    raise CheckpointError(f"a {cfg.architecture} config with attention_bias=True has no transformers equivalent "
+                          "(its o_proj would gain a bias); use architecture='qwen2' for q/k/v biases")
   rope: dict = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling
@@ -112,9 +119,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
   if cfg.rope_scaling is not None:
     hf["rope_scaling"] = dict(rope)
   if cfg.architecture == "llama":
-    hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
+    hf.update(attention_bias=False, mlp_bias=False)
   elif cfg.architecture == "qwen3":
-    hf.update(attention_bias=cfg.attention_bias)
+    hf.update(attention_bias=False)
   if cfg.architecture in ("qwen2", "qwen3"):
     hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
               layer_types=["full_attention"] * cfg.num_layers)
@@ -252,6 +259,9 @@ def save_pretrained(cfg: ModelConfig, params: Params, path, *, max_shard_bytes: 
   for i, lp in enumerate(params.layers):
     for field, name in _layer_names(i).items():
       w = getattr(lp, field)
+      if w is None and field in ("bq", "bk", "bv") and cfg.architecture == "qwen2":
+        # transformers' Qwen2 always has q/k/v biases (missing ones load randomly initialised); zeros are exact.
+        w = np.zeros(getattr(lp, "w" + field[1:]).shape[1:], np.asarray(lp.wq).dtype)
       if w is not None:
         tensors[name] = np.ascontiguousarray(_to_hf(field, np.asarray(w)))
   tensors["model.norm.weight"] = np.asarray(params.final_norm)

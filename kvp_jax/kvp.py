@@ -89,3 +89,27 @@ def layer_errors(pred: KVCache, true: KVCache) -> dict[str, Any]:
   denom = jnp.maximum(w.sum((1, 2, 3, 4)), 1.0) * true.k.shape[2] * true.k.shape[4]
   err = lambda a, b: (jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)) * w).sum((1, 2, 3, 4)) / denom
   return {"k": err(pred.k, true.k), "v": err(pred.v, true.v)}
+
+
+def generate(kcfg: KVPConfig, base: Params, kp: KVPParams, prompt_ids, max_new_tokens: int, *,
+             pad_id: int = 0, stop_tokens=(), max_len: int | None = None, **sampling):
+  """KV-Prediction generation: ids [B, T + n] for an array of prompts (as `generation.generate` returns).
+
+  The aux model and predictor build the base's cache (`kvp_prefill`); every later token is the base's alone.
+  `sampling` takes generation.decode_from's greedy/temperature/top_k/top_p/key.
+  """
+  import numpy as np
+  from kvp_jax import generation
+  rows = generation._as_rows(prompt_ids)
+  longest = max(len(r) for r in rows)
+  bucket = generation.bucket_length(longest)
+  cache_len = max_len or bucket + max_new_tokens
+  if bucket + max_new_tokens > cache_len:
+    raise ValueError(f"prompt bucket {bucket} + max_new_tokens={max_new_tokens} exceeds max_len={cache_len}; "
+                     "raise max_len")
+  tokens, starts = generation.pad_prompts(rows, pad_id, bucket)
+  first, cache = kvp_prefill(kcfg, base, kp, jnp.asarray(tokens), jnp.asarray(starts), cache_len)
+  new = generation.decode_from(kcfg.base, base, first, cache, max_new_tokens, stop_tokens=stop_tokens,
+                               pad_id=pad_id, **sampling).tokens
+  return np.concatenate([np.stack(rows), np.asarray(new)], axis=1) if len(set(map(len, rows))) == 1 else (
+      [r.tolist() + g for r, g in zip(rows, np.asarray(new).tolist())])

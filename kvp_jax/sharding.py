@@ -23,16 +23,17 @@ RULES = {
 
 
 def make_mesh(data: int = -1, model: int = 1) -> jax.sharding.Mesh:
-  """A ("data", "model") mesh over all local devices; data=-1 takes whatever model leaves."""
+  """A ("data", "model") mesh; data=-1 takes every device that model leaves, else the first data*model."""
   n = jax.device_count()
   if data == -1:
     if n % model:
       raise ValueError(f"--mesh_model={model} does not divide the {n} available devices")
     data = n // model
-  if data * model != n:
-    raise ValueError(f"mesh {data}x{model} needs {data * model} devices; {n} are available")
+  if data < 1 or model < 1 or data * model > n:
+    raise ValueError(f"a {data}x{model} mesh needs {data * model} devices; {n} are available")
   # Auto axes: XLA propagates shardings through the model code, which stays free of sharding annotations.
-  return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+  return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=jax.devices()[:data * model])
 
 
 def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> Pspec:

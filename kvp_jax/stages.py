@@ -30,6 +30,8 @@ EMBEDDED = "embedded"
 class DataConfig:
   source: str = EMBEDDED  # "embedded" (stdlib code + synthetic QA), a path, "glob:..." or "hf:name[:cfg][:split]"
   num_qa_docs: int = 2000
+  qa_num_facts: tuple[int, int] = (16, 136)  # facts per synthetic QA document: ~15 tokens each
+  max_code_files: int | None = None  # cap on stdlib files, to tilt the embedded mix towards QA
   seq_len: int = 256
   batch_size: int = 8
   seed: int = 0
@@ -37,7 +39,8 @@ class DataConfig:
 
 def texts_for(dc: DataConfig) -> list[str]:
   if dc.source == EMBEDDED:
-    return pipeline.mixed_pretraining_texts(num_qa_docs=dc.num_qa_docs, seed=dc.seed)
+    return pipeline.mixed_pretraining_texts(num_qa_docs=dc.num_qa_docs, seed=dc.seed,
+                                            max_code_files=dc.max_code_files, num_facts_range=dc.qa_num_facts)
   return pipeline.load_texts(dc.source)
 
 
