@@ -1,0 +1,104 @@
+"""Every TTFT method behind one interface, so evaluation and benchmarks treat them alike.
+
+A method turns a left-padded prompt batch into the first token's logits and a decoding state (`prefill`), then
+advances one token at a time (`step`); greedy generation and teacher-forced scoring are built on those two.
+It also counts its TTFT FLOPs analytically, ours (everything, attention included) and the paper's
+(N x aux cost per token). Names follow report.json: base, aux_only, lp_alone, kvp (and the recomputation /
+pruning methods, which register the same way).
+Shape legend: see kvp_jax/config.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvp_jax import flops, kvp, model
+from kvp_jax.config import ModelConfig
+from kvp_jax.params import Params
+from kvp_jax.predictor import KVPConfig
+
+
+@dataclasses.dataclass
+class Method:
+  name: str  # base | aux_only | lp_alone | kvp | kvp_recompute | lazyllm | random_prune | static_prune
+  aux: str | None  # which auxiliary model (c, lp0.25, ...); None for the base
+  prefill: Callable  # (tokens [B,T], starts [B], max_len) -> (logits [B,V], state)
+  step: Callable  # (tokens [B,1], state) -> (logits [B,V], state)
+  ttft_flops: Callable[[int], float]  # prompt length -> FLOPs per prompt (ours)
+  ttft_flops_paper: Callable[[int], float]
+  settings: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def label(self) -> str:
+    extra = ",".join(f"{k}={v}" for k, v in self.settings.items())
+    return self.name + (f"[{self.aux}]" if self.aux else "") + (f"({extra})" if extra else "")
+
+
+def _model_prefill(cfg: ModelConfig, params: Params):
+  fn = jax.jit(functools.partial(model.prefill, cfg), static_argnames=("max_len",))
+  return lambda tokens, starts, max_len: fn(params, tokens, starts, max_len=max_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cached_step(cfg: ModelConfig, params: Params, tokens_B1, cache):
+  return model.forward(cfg, params, tokens_B1, None, cache, all_logits=False)
+
+
+def _model_step(cfg: ModelConfig, params: Params):
+  return lambda tokens, state: _cached_step(cfg, params, tokens, state)
+
+
+def paper_flops(cfg: ModelConfig, n: int) -> float:
+  return float(flops.paper_ttft_flops(cfg, n))
+
+
+def model_method(name: str, cfg: ModelConfig, params: Params, aux: str | None = None) -> Method:
+  """A decoder on its own (the base, an aux model alone, a layer-pruned model fine-tuned alone)."""
+  return Method(name=name, aux=aux, prefill=_model_prefill(cfg, params), step=_model_step(cfg, params),
+                ttft_flops=lambda n: float(flops.prefill_flops(cfg, n)),
+                ttft_flops_paper=lambda n: paper_flops(cfg, n))
+
+
+def kvp_method(kcfg: KVPConfig, base: Params, kp: kvp.KVPParams, aux: str) -> Method:
+  return Method(
+      name="kvp", aux=aux,
+      prefill=lambda tokens, starts, max_len: kvp.kvp_prefill(kcfg, base, kp, tokens, starts, max_len),
+      step=_model_step(kcfg.base, base),
+      ttft_flops=lambda n: float(flops.kvp_flops(kcfg.base, kcfg.aux, n, in_width=kcfg.in_width)),
+      ttft_flops_paper=lambda n: paper_flops(kcfg.aux, n))
+
+
+def greedy(method: Method, tokens_BT, starts_B, max_new_tokens: int, stop_tokens=()) -> np.ndarray:
+  """[B, n] greedy continuation; rows stop at a stop token (the rest padded with it). Host loop: eval only."""
+  T = tokens_BT.shape[1]
+  logits, state = method.prefill(jnp.asarray(tokens_BT), jnp.asarray(starts_B), T + max_new_tokens)
+  out, done = [], np.zeros(tokens_BT.shape[0], bool)
+  stops = np.asarray(list(stop_tokens), np.int32)
+  for i in range(max_new_tokens):
+    nxt = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)
+    if len(out) and stops.size:
+      nxt = np.where(done, out[-1], nxt)
+    out.append(nxt)
+    done |= np.isin(nxt, stops)
+    if done.all() or i == max_new_tokens - 1:
+      break
+    logits, state = method.step(jnp.asarray(nxt[:, None]), state)
+  return np.stack(out, 1)
+
+
+def teacher_forced_argmax(method: Method, tokens_BT, starts_B, continuation_BC) -> np.ndarray:
+  """[B, C] the method's argmax prediction for each continuation token given the prompt and the gold prefix."""
+  C = continuation_BC.shape[1]
+  T = tokens_BT.shape[1]
+  logits, state = method.prefill(jnp.asarray(tokens_BT), jnp.asarray(starts_B), T + C)
+  preds = [np.asarray(jnp.argmax(logits, -1))]
+  for j in range(C - 1):
+    logits, state = method.step(jnp.asarray(continuation_BC[:, j:j + 1]), state)
+    preds.append(np.asarray(jnp.argmax(logits, -1)))
+  return np.stack(preds, 1)
