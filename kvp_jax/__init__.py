@@ -18,6 +18,14 @@ _EXPORTS = {
     "ModelConfig": ("kvp_jax.config", "ModelConfig"),
     "init_params": ("kvp_jax.params", "init"),
     "KVCache": ("kvp_jax.cache", "KVCache"),
+    # KV Prediction
+    "AuxSpec": ("kvp_jax.aux_models", "AuxSpec"),
+    "build_kvp": ("kvp_jax.kvp", "build"),
+    "load_model": ("kvp_jax.checkpointing", "load_model"),
+    "load_kvp": ("kvp_jax.checkpointing", "load_kvp"),
+    "predict_cache": ("kvp_jax.kvp", "predict_cache"),
+    "kvp_prefill": ("kvp_jax.kvp", "kvp_prefill"),
+    "kvp_generate": ("kvp_jax.kvp", "generate"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,11 +7,14 @@ Layer map m: a tuple of length n_base; base layer i is predicted from aux layer 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from kvp_jax.config import ModelConfig
 from kvp_jax.params import Params
+from kvp_jax.params import init as init_params
 
 LP_FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -79,3 +82,32 @@ def check_compatible(base_cfg: ModelConfig, aux_cfg: ModelConfig, base_tokenizer
     if base_tokenizer.get_vocab() != aux_tokenizer.get_vocab():
       raise ValueError("tokenizer mismatch: base and aux tokenizers map tokens to different ids; "
                        "use an aux model trained with the base's tokenizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxSpec:
+  kind: str = "lp"  # "lp": layer-pruned base; "c": a separate smaller model
+  lp_keep_fraction: float = 0.5
+  lp_keep_layers: tuple[int, ...] | None = None
+  checkpoint: str | None = None  # for "c": a pretrain workdir or Hugging Face dir
+  model: dict | None = None  # for "c" from scratch: ModelConfig fields
+
+
+def build_aux(spec: AuxSpec, base_cfg: ModelConfig, base: Params, seed: int = 0):
+  """(aux_cfg, aux_params, default layer map)."""
+  if spec.kind == "lp":
+    keep = spec.lp_keep_layers or lp_keep_layers(base_cfg.num_layers, spec.lp_keep_fraction)
+    aux_cfg, aux = prune_layers(base_cfg, base, keep)
+    return aux_cfg, aux, lp_layer_map(base_cfg.num_layers, keep)
+  if spec.kind != "c":
+    raise ValueError(f"unknown aux kind {spec.kind!r}; choose 'lp' or 'c'")
+  if spec.checkpoint:
+    from kvp_jax import checkpointing  # orbax/grain only when a checkpoint is read
+    aux_cfg, aux = checkpointing.load_model(spec.checkpoint)
+  elif spec.model:
+    aux_cfg = ModelConfig.from_dict({"vocab_size": base_cfg.vocab_size, **spec.model})
+    aux = init_params(aux_cfg, jax.random.PRNGKey(seed + 1))
+  else:
+    raise ValueError("--aux=c needs --aux_checkpoint or --aux_model")
+  check_compatible(base_cfg, aux_cfg)
+  return aux_cfg, aux, c_layer_map(base_cfg.num_layers, aux_cfg.num_layers)

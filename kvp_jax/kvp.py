@@ -33,6 +33,17 @@ class KVPParams:
     return dataclasses.replace(self, **kw)
 
 
+def build(base_cfg, base: Params, aux_spec=None, *, kind: str = "kv", init: str = "identity",
+          layer_map=None, seed: int = 0) -> tuple[KVPConfig, KVPParams]:
+  """An untrained aux model + predictor for a base: aux_spec is an aux_models.AuxSpec (default KVP-LP 0.5)."""
+  from kvp_jax import aux_models
+  aux_spec = aux_spec or aux_models.AuxSpec()
+  aux_cfg, aux, default_map = aux_models.build_aux(aux_spec, base_cfg, base, seed)
+  lm = aux_models.check_layer_map(layer_map or default_map, base_cfg.num_layers, aux_cfg.num_layers)
+  kcfg = KVPConfig(base=base_cfg, aux=aux_cfg, kind=kind, layer_map=lm)
+  return kcfg, KVPParams(aux, predictor.init(kcfg, jax.random.PRNGKey(seed + 2), how=init))
+
+
 def positions(tokens_BT, starts_B):
   T = tokens_BT.shape[1]
   return jnp.arange(T, dtype=jnp.int32)[None, :] - jnp.asarray(starts_B, jnp.int32)[:, None]

@@ -32,6 +32,7 @@ class DataConfig:
   num_qa_docs: int = 2000
   qa_num_facts: tuple[int, int] = (16, 136)  # facts per synthetic QA document: ~15 tokens each
   max_code_files: int | None = None  # cap on stdlib files, to tilt the embedded mix towards QA
+  qa_questions_per_doc: int = 1  # more questions per QA document = denser retrieval signal
   seq_len: int = 256
   batch_size: int = 8
   seed: int = 0
@@ -40,7 +41,8 @@ class DataConfig:
 def texts_for(dc: DataConfig) -> list[str]:
   if dc.source == EMBEDDED:
     return pipeline.mixed_pretraining_texts(num_qa_docs=dc.num_qa_docs, seed=dc.seed,
-                                            max_code_files=dc.max_code_files, num_facts_range=dc.qa_num_facts)
+                                            max_code_files=dc.max_code_files, num_facts_range=dc.qa_num_facts,
+                                            questions_per_doc=dc.qa_questions_per_doc)
   return pipeline.load_texts(dc.source)
 
 
@@ -104,32 +106,8 @@ def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_kee
                          log_every=log_every, fail_at_step=fail_at_step)
 
 
-@dataclasses.dataclass(frozen=True)
-class AuxSpec:
-  kind: str = "lp"  # "lp": layer-pruned base; "c": a separate smaller model
-  lp_keep_fraction: float = 0.5
-  lp_keep_layers: tuple[int, ...] | None = None
-  checkpoint: str | None = None  # for "c": a pretrain workdir or Hugging Face dir
-  model: dict | None = None  # for "c" from scratch: ModelConfig fields
-
-
-def build_aux(spec: AuxSpec, base_cfg: ModelConfig, base: P.Params, seed: int):
-  """(aux_cfg, aux_params, default layer map)."""
-  if spec.kind == "lp":
-    keep = spec.lp_keep_layers or aux_models.lp_keep_layers(base_cfg.num_layers, spec.lp_keep_fraction)
-    aux_cfg, aux = aux_models.prune_layers(base_cfg, base, keep)
-    return aux_cfg, aux, aux_models.lp_layer_map(base_cfg.num_layers, keep)
-  if spec.kind != "c":
-    raise ValueError(f"unknown aux kind {spec.kind!r}; choose 'lp' or 'c'")
-  if spec.checkpoint:
-    aux_cfg, aux = checkpointing.load_model(spec.checkpoint)
-  elif spec.model:
-    aux_cfg = ModelConfig.from_dict({"vocab_size": base_cfg.vocab_size, **spec.model})
-    aux = P.init(aux_cfg, jax.random.PRNGKey(seed + 1))
-  else:
-    raise ValueError("--aux=c needs --aux_checkpoint or --aux_model")
-  aux_models.check_compatible(base_cfg, aux_cfg)
-  return aux_cfg, aux, aux_models.c_layer_map(base_cfg.num_layers, aux_cfg.num_layers)
+AuxSpec = aux_models.AuxSpec
+build_aux = aux_models.build_aux
 
 
 def kvp(*, workdir, base_checkpoint: str, aux: AuxSpec, predictor_kind: str, predictor_init: str,

@@ -152,10 +152,33 @@ def make_dataset(n: int, seed: int, num_facts_range: tuple[int, int] = (16, 136)
   return [make_example(rng, rng.randint(lo, hi), hops=hops, filler_ratio=filler_ratio) for _ in range(n)]
 
 
-def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16, 136),
-                       hops: tuple[int, ...] = (1, 2), filler_ratio: float = 0.3) -> list[str]:
-  """Pretraining texts `prompt + completion + "\\n"`, hop counts alternating through `hops`.
+_FACT = re.compile(r"^The (.+) of (.+) is (\d+)\.$")
+_WORKS = re.compile(r"^(.+) works at (.+)\.$")
 
+
+def _context_questions(context: str) -> list[tuple[str, str]]:
+  """Every (question, answer) the context supports: one hop about each fact, two hops through each employer."""
+  facts, works = {}, []
+  for line in context.split("\n"):
+    if m := _FACT.match(line):
+      facts[(m.group(2), m.group(1))] = m.group(3)
+    elif m := _WORKS.match(line):
+      works.append((m.group(1), m.group(2)))
+  qs = [(f"What is the {what} of {who}?", v) for (who, what), v in facts.items()]
+  for person, place in works:
+    qs += [(f"What is the {what} of the place where {person} works?", v)
+           for (who, what), v in facts.items() if who == place]
+  return qs
+
+
+def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16, 136),
+                       hops: tuple[int, ...] = (1, 2), filler_ratio: float = 0.3,
+                       questions_per_doc: int = 1) -> list[str]:
+  """Pretraining texts: the context, then `questions_per_doc` question/answer pairs, hop counts alternating.
+
+  One question per document gives one retrieval target per few hundred tokens, too sparse a signal for a small
+  model to learn retrieval in minutes; extra questions (drawn from every fact the context states, the
+  example's own question always among them) multiply that signal without changing the evaluation format.
   Use a different seed from the evaluation set's; with ~10^4 names and 9000 values, overlap is negligible.
   """
   rng = random.Random(seed)
@@ -163,7 +186,12 @@ def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16
   docs = []
   for i in range(n):
     ex = make_example(rng, rng.randint(lo, hi), hops=hops[i % len(hops)], filler_ratio=filler_ratio)
-    docs.append(ex["prompt"] + ex["completion"] + "\n")
+    qa = [(ex["question"], ex["answer"])]
+    if questions_per_doc > 1:
+      others = [q for q in _context_questions(ex["context"]) if q[0] != ex["question"]]
+      qa += rng.sample(others, min(questions_per_doc - 1, len(others)))
+      rng.shuffle(qa)
+    docs.append(ex["context"] + "".join(f"\nQuestion: {q}\nAnswer: {a}" for q, a in qa) + "\n")
   return docs
 
 
