@@ -39,6 +39,7 @@ class ForwardOut(NamedTuple):
   kv: tuple | None  # L x LayerKV of the layer's own projections, if collected
   inputs: tuple | None  # L x [B, T, D]: normalised residual entering each layer's q/k/v, if collected
   hidden: jax.Array | None = None  # [B, T, D] final hidden state before the final norm
+  qk: tuple | None = None  # L x (q [B, T, N, H] after RoPE, k [B, K, T, H] cache-ready), if collected
 
 
 def default_positions(tokens_BT):
@@ -79,12 +80,14 @@ def lm_logits(cfg: ModelConfig, params: Params, x_BTD):
 def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None, *,
                    kv_override: Sequence[LayerKV] | None = None, attention_mode: str = "causal",
                    collect_kv: bool = False, collect_inputs: bool = False, compute_logits: bool = True,
-                   chunk: int = attention.DEFAULT_CHUNK) -> ForwardOut:
+                   chunk: int = attention.DEFAULT_CHUNK, collect_qk: bool = False) -> ForwardOut:
   """Full causal forward pass without a cache.
 
   kv_override: per layer, predicted LayerKV (pre-RoPE keys) replacing the layer's own K/V in attention:
     attention_mode="corenet": queries attend causally to predicted K/V at every position, their own included;
     attention_mode="aligned": predicted K/V strictly before, the layer's own K/V at the query itself.
+  collect_qk: per layer, the rotated queries and cache-ready own keys (attention maps for token importance,
+    kvp_jax/recompute.py).
   """
   if attention_mode not in ATTENTION_MODES:
     raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
@@ -92,7 +95,7 @@ def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=Non
     raise ValueError("kv_override is required exactly when attention_mode is 'corenet' or 'aligned'")
   pos = default_positions(tokens_BT) if positions_BT is None else positions_BT
   x = params.embed[tokens_BT]
-  kvs, inputs = [], []
+  kvs, inputs, qks = [], [], []
   for i, lp in enumerate(params.layers):
     h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
     q, k, v = project_qkv(cfg, lp, h)
@@ -102,6 +105,8 @@ def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=Non
       inputs.append(h)
     q = rotate_queries(cfg, lp, q, pos)
     k_own = _bkth(kv_cache.keys_to_cache(cfg, lp.k_norm, k, pos))
+    if collect_qk:
+      qks.append((q, k_own))
     if attention_mode == "causal":
       o = attention.causal_self_attention(q, k_own, _bkth(v), pos, chunk)
     else:
@@ -113,7 +118,8 @@ def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=Non
         o = attention.aligned_attention(q, k_pred, v_pred, k_own, _bkth(v), pos)
     x = attn_out_and_mlp(cfg, lp, x, o)
   logits = lm_logits(cfg, params, x) if compute_logits else None
-  return ForwardOut(logits, tuple(kvs) if collect_kv else None, tuple(inputs) if collect_inputs else None, x)
+  return ForwardOut(logits, tuple(kvs) if collect_kv else None, tuple(inputs) if collect_inputs else None, x,
+                    tuple(qks) if collect_qk else None)
 
 
 def logits(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None):
