@@ -127,6 +127,19 @@ def logits(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None):
   return forward_layers(cfg, params, tokens_BT, positions_BT).logits
 
 
+def _cached_layers(cfg: ModelConfig, params: Params, tokens_BT, pos_BT, cache: KVCache, slot, attend):
+  """Every layer: project, write this layer's K/V at `slot`, then `attend(i, q, k, v, cache)`."""
+  x = params.embed[tokens_BT]
+  for i, lp in enumerate(params.layers):
+    h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+    q, k, v = project_qkv(cfg, lp, h)
+    q = rotate_queries(cfg, lp, q, pos_BT)
+    k = kv_cache.keys_to_cache(cfg, lp.k_norm, k, pos_BT)
+    cache = kv_cache.write_layer(cache, i, k, v, slot)
+    x = attn_out_and_mlp(cfg, lp, x, attend(i, q, k, v, cache))
+  return x, cache
+
+
 def prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B=None, max_len: int | None = None, *,
             all_logits: bool = False, chunk: int = attention.DEFAULT_CHUNK):
   """Processes left-padded prompts [B, T] into a fresh cache of max_len slots.
@@ -141,15 +154,9 @@ def prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B=None, max_len:
   starts = jnp.zeros((B,), jnp.int32) if starts_B is None else jnp.asarray(starts_B, jnp.int32)
   pos = jnp.arange(T, dtype=jnp.int32)[None, :] - starts[:, None]
   c = kv_cache.empty(cfg, B, max_len, params.embed.dtype, starts)
-  x = params.embed[tokens_BT]
-  for i, lp in enumerate(params.layers):
-    h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-    q, k, v = project_qkv(cfg, lp, h)
-    q = rotate_queries(cfg, lp, q, pos)
-    k = kv_cache.keys_to_cache(cfg, lp.k_norm, k, pos)
-    c = kv_cache.write_layer(c, i, k, v, 0)
-    o = attention.causal_self_attention(q, _bkth(k), _bkth(v), pos, chunk)
-    x = attn_out_and_mlp(cfg, lp, x, o)
+  # A fresh cache holds nothing before these tokens: attend block-causally to the new K/V alone.
+  attend = lambda i, q, k, v, c: attention.causal_self_attention(q, _bkth(k), _bkth(v), pos, chunk)
+  x, c = _cached_layers(cfg, params, tokens_BT, pos, c, 0, attend)
   c = c.replace(end=jnp.asarray(T, jnp.int32))
   out = lm_logits(cfg, params, x if all_logits else x[:, -1])
   return out, c
@@ -167,15 +174,8 @@ def forward(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None, cach
   pos = slots[None, :] - cache.starts[:, None] if positions_BT is None else positions_BT
   mask_BTS = attention.causal_mask(pos, cache.slot_positions()) & (
       jnp.arange(cache.max_len)[None, None, :] < cache.end + T)
-  x = params.embed[tokens_BT]
-  for i, lp in enumerate(params.layers):
-    h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-    q, k, v = project_qkv(cfg, lp, h)
-    q = rotate_queries(cfg, lp, q, pos)
-    k = kv_cache.keys_to_cache(cfg, lp.k_norm, k, pos)
-    cache = kv_cache.write_layer(cache, i, k, v, cache.end)
-    o = attention.masked_attention(q, cache.k[i], cache.v[i], mask_BTS)
-    x = attn_out_and_mlp(cfg, lp, x, o)
+  attend = lambda i, q, k, v, c: attention.masked_attention(q, c.k[i], c.v[i], mask_BTS)
+  x, cache = _cached_layers(cfg, params, tokens_BT, pos, cache, cache.end, attend)
   cache = cache.replace(end=cache.end + T)
   out = lm_logits(cfg, params, x if all_logits else x[:, -1])
   return out, cache
