@@ -33,6 +33,8 @@ class DataConfig:
   qa_num_facts: tuple[int, int] = (16, 136)  # facts per synthetic QA document: ~15 tokens each
   max_code_files: int | None = None  # cap on stdlib files, to tilt the embedded mix towards QA
   qa_questions_per_doc: int = 1  # more questions per QA document = denser retrieval signal
+  qa_distractors: str = "shared"  # difficulty of the synthetic QA: "shared" (hard) or "distinct" (easy)
+  qa_answer_style: str = "bare"  # "bare" value or a restating "sentence" (see data/qa_synthetic.py)
   seq_len: int = 256
   batch_size: int = 8
   seed: int = 0
@@ -42,7 +44,8 @@ def texts_for(dc: DataConfig) -> list[str]:
   if dc.source == EMBEDDED:
     return pipeline.mixed_pretraining_texts(num_qa_docs=dc.num_qa_docs, seed=dc.seed,
                                             max_code_files=dc.max_code_files, num_facts_range=dc.qa_num_facts,
-                                            questions_per_doc=dc.qa_questions_per_doc)
+                                            questions_per_doc=dc.qa_questions_per_doc,
+                                            distractors=dc.qa_distractors, answer_style=dc.qa_answer_style)
   return pipeline.load_texts(dc.source)
 
 
@@ -94,7 +97,7 @@ def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_kee
     if not model:
       raise ValueError("--stage=pretrain needs --model (a JSON ModelConfig) or --init_checkpoint")
     cfg = ModelConfig.from_dict({"vocab_size": len(tok), **model})
-    make = lambda: P.init(cfg, jax.random.PRNGKey(seed))
+    make = lambda: jax.jit(P.init, static_argnums=(0, 2))(cfg, jax.random.PRNGKey(seed))  # eager init is slow
   _check_vocab(cfg, tok, "the model")
   checkpointing.write_json(workdir / checkpointing.MODEL_CONFIG, cfg.to_dict())
   logging.info("pretraining a %.2fM-parameter %s model for %d steps", cfg.num_params() / 1e6, cfg.architecture,

@@ -23,6 +23,10 @@ flags.DEFINE_string("data", "embedded", "'embedded' (stdlib code + synthetic QA)
 flags.DEFINE_integer("num_qa_docs", 2000, "Synthetic QA documents in the embedded corpus.")
 flags.DEFINE_list("qa_num_facts", ["16", "136"], "Min,max facts per synthetic QA document (~15 tokens each).")
 flags.DEFINE_integer("qa_questions_per_doc", 1, "Question/answer pairs after each synthetic QA context.")
+flags.DEFINE_enum("qa_distractors", "shared", ["shared", "distinct"], "Synthetic QA difficulty: distractors "
+                  "sharing the asked attribute and name parts (shared), or every entity named once (distinct).")
+flags.DEFINE_enum("qa_answer_style", "bare", ["bare", "sentence"], "Synthetic QA answers: the bare value, or "
+                  "a sentence restating the needed fact(s) before it.")
 flags.DEFINE_integer("max_code_files", None, "Cap on stdlib code files in the embedded corpus.")
 flags.DEFINE_integer("seq_len", 256, "Training sequence length (documents are packed).")
 flags.DEFINE_integer("batch_size", 8, "Global batch size in sequences.")
@@ -86,6 +90,7 @@ def run():
                                 weight_decay=F.weight_decay, clip=F.clip)
   data = stages.DataConfig(source=F.data, num_qa_docs=F.num_qa_docs, qa_num_facts=_ints(F.qa_num_facts),
                            max_code_files=F.max_code_files, qa_questions_per_doc=F.qa_questions_per_doc,
+                           qa_distractors=F.qa_distractors, qa_answer_style=F.qa_answer_style,
                            seq_len=F.seq_len,
                            batch_size=F.batch_size, seed=F.seed)
   common = dict(workdir=F.workdir, data=data, steps=F.steps, optim=optim, mesh=mesh, save_every=F.save_every,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as Pspec
 
 from kvp_jax import sharding
 from kvp_jax.checkpointing import Checkpointer
@@ -89,7 +90,12 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
   shardings = (sharding.param_shardings(trainable, logical_axes, mesh) if logical_axes is not None
                else sharding.replicated(trainable, mesh))
   trainable = jax.device_put(trainable, shardings)
-  opt_state = jax.jit(tx.init)(trainable)
+  # Optimizer state sharded like the params it mirrors (counts replicated): otherwise the first step's output
+  # shardings differ from its inputs' and the train step compiles twice.
+  abstract_opt = jax.eval_shape(tx.init, trainable)
+  opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, shardings,
+                                        transform_non_params=lambda _: NamedSharding(mesh, Pspec()))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
 
   ckpt = Checkpointer(workdir, save_every=save_every)
   start = 0

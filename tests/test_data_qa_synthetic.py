@@ -75,3 +75,30 @@ def test_exact_match_normalisation():
   assert not qa.exact_match("48271", "4827")
   assert not qa.exact_match("\n4827", "4827")  # the prediction is cut at its first newline
   assert not qa.exact_match("", "4827")
+
+
+@pytest.mark.parametrize("hops", [1, 2])
+def test_distinct_sentence_examples_answer_from_the_context(hops):
+  import random
+  for seed in range(20):
+    ex = qa.make_example(random.Random(seed), 12, hops=hops, distractors="distinct",
+                                   answer_style="sentence")
+    sentence = ex["completion"].strip()
+    # the restated fact(s) are lines of the context, and the value extracted is the answer
+    for part in sentence.replace(". ", ".\n").split("\n"):
+      assert part in ex["context"].split("\n"), (part, ex["context"])
+    assert qa.extract_value(sentence) == ex["answer"]
+    names = [l.split(" of ")[-1].split(" is ")[0] for l in ex["context"].split("\n") if l.startswith("The ")
+             and " of " in l and " is " in l]
+    assert len(set(n.split()[0] for n in names)) == len(names)  # no shared first words in distinct mode
+
+
+def test_training_documents_with_several_questions_are_answerable():
+  docs = qa.training_documents(5, seed=3, num_facts_range=(6, 10), questions_per_doc=4,
+                                         distractors="distinct", answer_style="sentence")
+  for d in docs:
+    context, *pairs = d.split("\nQuestion: ")
+    assert len(pairs) == 4
+    for pair in pairs:
+      answer_sentence = pair.split("\nAnswer: ")[1].strip()
+      assert qa.extract_value(answer_sentence) in context

@@ -82,20 +82,81 @@ def _place_names(rng: random.Random, k: int) -> list[str]:
   return rng.sample(names, k)
 
 
-def make_example(rng: random.Random, num_facts: int, hops: int = 1, filler_ratio: float = 0.3) -> dict:
+DISTRACTORS = ("shared", "distinct")
+
+
+def _distinct_names(rng: random.Random, k: int, firsts, seconds, what: str) -> list[str]:
+  """k names sharing no first and no second word, so one word of a name already identifies it."""
+  if k > min(len(firsts), len(seconds)):
+    raise ValueError(f"{k} {what} with distinct words need at most {min(len(firsts), len(seconds))}; "
+                     "lower num_facts or raise filler_ratio for longer prompts")
+  return [f"{a} {b}" for a, b in zip(rng.sample(firsts, k), rng.sample(seconds, k))]
+
+
+def _make_distinct(rng: random.Random, num_facts: int, hops: int, values) -> tuple[list[str], str, str]:
+  """Easy level: every entity is named once, with one fact; retrieval is a lookup on the entity's name."""
+  if hops == 1:
+    people = _distinct_names(rng, num_facts, FIRST_NAMES, LAST_NAMES, "people")
+    facts = [(p, rng.choice(PERSON_ATTRIBUTES), next(values)) for p in people]
+    lines = [f"The {what} of {who} is {v}." for who, what, v in facts]
+    who, what, answer = facts[0]
+    return lines, f"What is the {what} of {who}?", answer
+  n = num_facts // 2
+  people = _distinct_names(rng, n, FIRST_NAMES, LAST_NAMES, "people")
+  places = _distinct_names(rng, n, PLACE_FIRST, PLACE_SECOND, "places")
+  attribute = rng.choice(PLACE_ATTRIBUTES)
+  values = [next(values) for _ in places]
+  lines = [f"{p} works at {q}." for p, q in zip(people, places)]
+  lines += [f"The {attribute} of {q} is {v}." for q, v in zip(places, values)]
+  return lines, f"What is the {attribute} of the place where {people[0]} works?", values[0]
+
+
+ANSWER_STYLES = ("bare", "sentence")
+
+
+def _answer_sentence(context: str, question: str, answer: str) -> str:
+  """The fact(s) the question needs, restated: 'The seat number of Axel Shaw is 7634.' (two hops: the
+  'works at' sentence first). Generating them step by step is how a small model learns to answer by copying."""
+  lines = context.split("\n")
+  if m := re.match(r"What is the (.+) of the place where (.+) works\?$", question):
+    what, person = m.groups()
+    works = next(l for l in lines if l.startswith(f"{person} works at "))
+    place = works[len(f"{person} works at "):-1]
+    return f"{works} The {what} of {place} is {answer}."
+  what, who = re.match(r"What is the (.+) of (.+)\?$", question).groups()
+  return f"The {what} of {who} is {answer}."
+
+
+def extract_value(generated: str) -> str:
+  """The answer value in a generation of either style: the last number on its first line ('' if none)."""
+  nums = re.findall(r"\d+", generated.split("\n")[0])
+  return nums[-1] if nums else ""
+
+
+def make_example(rng: random.Random, num_facts: int, hops: int = 1, filler_ratio: float = 0.3,
+                 distractors: str = "shared", answer_style: str = "bare") -> dict:
   """One example: dict(context, question, answer, completion, prompt, hops).
 
   num_facts: fact sentences in the context, the one or two needed facts included; the rest are distractors.
   filler_ratio: filler sentences per fact sentence (0.3 adds 3 fillers per 10 facts).
+  distractors: "shared" (the hard level above: distractors share the asked attribute and name parts) or
+    "distinct" (every entity named once with one fact, no name parts shared: a one-token lookup that a small
+    model learns in minutes, while two hops still need depth; at most 24 facts for one hop, 24 for two).
   `prompt + completion` is the exact text a model should produce; `answer` is the bare value.
   """
   if hops not in (1, 2):
     raise ValueError(f"hops must be 1 or 2, got {hops}")
   if num_facts < 2 * hops:
     raise ValueError(f"num_facts={num_facts} is too small for {hops} hop(s); need at least {2 * hops}")
+  if answer_style not in ANSWER_STYLES:
+    raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
+  if distractors not in DISTRACTORS:
+    raise ValueError(f"distractors must be one of {DISTRACTORS}, got {distractors!r}")
   values = iter(str(v) for v in rng.sample(range(1000, 10000), num_facts))
   target = _person_name(rng)
-  if hops == 1:
+  if distractors == "distinct":
+    lines, question, answer = _make_distinct(rng, num_facts, hops, values)
+  elif hops == 1:
     attribute = rng.choice(PERSON_ATTRIBUTES)
     # Each distractor is a (person, attribute) pair other than the asked one; about a third of them use the asked
     # attribute, a third the asked person, the rest anything.
@@ -140,16 +201,18 @@ def make_example(rng: random.Random, num_facts: int, hops: int = 1, filler_ratio
   lines += [rng.choice(FILLER) for _ in range(int(round(filler_ratio * num_facts)))]
   rng.shuffle(lines)
   context = "\n".join(lines)
-  return dict(context=context, question=question, answer=answer, completion=f" {answer}",
+  completion = " " + (_answer_sentence(context, question, answer) if answer_style == "sentence" else answer)
+  return dict(context=context, question=question, answer=answer, completion=completion,
               prompt=f"{context}\nQuestion: {question}\nAnswer:", hops=hops)
 
 
 def make_dataset(n: int, seed: int, num_facts_range: tuple[int, int] = (16, 136), hops: int = 1,
-                 filler_ratio: float = 0.3) -> list[dict]:
+                 filler_ratio: float = 0.3, distractors: str = "shared", answer_style: str = "bare") -> list[dict]:
   """n examples; each draws num_facts uniformly from the inclusive range. Same seed, same examples."""
   lo, hi = num_facts_range
   rng = random.Random(seed)
-  return [make_example(rng, rng.randint(lo, hi), hops=hops, filler_ratio=filler_ratio) for _ in range(n)]
+  return [make_example(rng, rng.randint(lo, hi), hops=hops, filler_ratio=filler_ratio, distractors=distractors,
+                       answer_style=answer_style) for _ in range(n)]
 
 
 _FACT = re.compile(r"^The (.+) of (.+) is (\d+)\.$")
@@ -173,7 +236,8 @@ def _context_questions(context: str) -> list[tuple[str, str]]:
 
 def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16, 136),
                        hops: tuple[int, ...] = (1, 2), filler_ratio: float = 0.3,
-                       questions_per_doc: int = 1) -> list[str]:
+                       questions_per_doc: int = 1, distractors: str = "shared",
+                       answer_style: str = "bare") -> list[str]:
   """Pretraining texts: the context, then `questions_per_doc` question/answer pairs, hop counts alternating.
 
   One question per document gives one retrieval target per few hundred tokens, too sparse a signal for a small
@@ -185,13 +249,15 @@ def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16
   lo, hi = num_facts_range
   docs = []
   for i in range(n):
-    ex = make_example(rng, rng.randint(lo, hi), hops=hops[i % len(hops)], filler_ratio=filler_ratio)
+    ex = make_example(rng, rng.randint(lo, hi), hops=hops[i % len(hops)], filler_ratio=filler_ratio,
+                      distractors=distractors, answer_style=answer_style)
     qa = [(ex["question"], ex["answer"])]
     if questions_per_doc > 1:
       others = [q for q in _context_questions(ex["context"]) if q[0] != ex["question"]]
       qa += rng.sample(others, min(questions_per_doc - 1, len(others)))
       rng.shuffle(qa)
-    docs.append(ex["context"] + "".join(f"\nQuestion: {q}\nAnswer: {a}" for q, a in qa) + "\n")
+    say = (lambda q, a: _answer_sentence(ex["context"], q, a)) if answer_style == "sentence" else (lambda q, a: a)
+    docs.append(ex["context"] + "".join(f"\nQuestion: {q}\nAnswer: {say(q, a)}" for q, a in qa) + "\n")
   return docs
 
 

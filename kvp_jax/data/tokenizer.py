@@ -15,8 +15,12 @@ SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in a tokenizer trained here
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, out_dir: str | Path | None = None,
-                    min_frequency: int = 2):
-  """Trains on `texts` and returns a transformers fast tokenizer; saves it to `out_dir` when given."""
+                    min_frequency: int = 2, split_digits: bool = False):
+  """Trains on `texts` and returns a transformers fast tokenizer; saves it to `out_dir` when given.
+
+  split_digits: every digit its own token. Off by default: a number is tokenized the same way in the context
+  and in an answer either way (the pre-tokenizer isolates it), and whole-number tokens keep copies short.
+  """
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
 
@@ -24,7 +28,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, out_dir: str |
   if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
     raise ValueError(f"vocab_size={vocab_size} is below the 256 byte symbols plus {len(SPECIAL_TOKENS)} specials")
   tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                       if split_digits else byte_level)
   tok.decoder = decoders.ByteLevel()
   tok.post_processor = processors.ByteLevel(trim_offsets=False)
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,

@@ -1,0 +1,266 @@
+"""`python -m kvp_jax.quickstart --workdir=runs/quickstart [--preset=default|smoke] [--ablations]`
+
+Trains every model of the embedded comparison and evaluates every method, in-process, one stage after another:
+1. base: a small decoder pretrained on the embedded mix (stdlib code + synthetic QA), with its own tokenizer;
+2. aux_c: a smaller decoder pretrained the same way (the KVP-C auxiliary model, and `aux_only[c]`);
+3. lp_alone_lpF: the base pruned to a fraction F of its layers, fine-tuned alone (`lp_alone[lpF]`), for as
+   many steps and on the same data as KV Prediction;
+4. kvp_c, kvp_lpF: KV Prediction against the frozen base with each auxiliary model;
+5. with --ablations, extra KV Prediction variants for one aux: lambda_C summed over layers instead of averaged,
+   the `activation` predictor instead of `kv`, `aligned` attention in training instead of `corenet`;
+6. eval: kvp_jax.eval_lib on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
+   and WORKDIR/eval.flags to rerun the evaluation alone with `python -m kvp_jax.eval --flagfile=...`.
+A stage whose workdir already holds its final checkpoint (and was made with the same settings) is reused, as is
+an evaluation report of the same configuration, so a rerun is quick; an interrupted stage resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from absl import app, flags, logging
+
+# Plain settings per preset; "default" aims at < 20 minutes on 2 CPU cores (sizes and steps are placeholders
+# under calibration), "smoke" runs the same code path in about a minute with meaningless figures.
+PRESETS = {
+    "default": {
+        "tokenizer": "train:2048",
+        "base_model": {"hidden_size": 128, "intermediate_size": 384, "num_layers": 8, "num_heads": 4,
+                       "num_kv_heads": 2, "head_dim": 32, "max_position_embeddings": 2048},
+        "c_model": {"hidden_size": 64, "intermediate_size": 192, "num_layers": 4, "num_heads": 2,
+                    "num_kv_heads": 1, "head_dim": 32, "max_position_embeddings": 2048},
+        "lp_fractions": [0.25, 0.5, 0.75],
+        "data": {"num_qa_docs": 2000, "qa_num_facts": [8, 24], "max_code_files": 400, "qa_questions_per_doc": 4,
+                 "seq_len": 256, "batch_size": 8},
+        "pretrain": {"steps": 600, "lr": 3e-3, "warmup_steps": 50},
+        "aux_pretrain": {"steps": 600, "lr": 3e-3, "warmup_steps": 50},
+        "kvp": {"steps": 200, "lr": 1e-3, "warmup_steps": 20},  # also the LP-alone fine-tuning
+        "eval": {"num_qa": 32, "qa_num_facts": [8, 24], "num_code": 32, "code_context_chars": [256, 1024],
+                 "qa_max_new_tokens": 6, "code_max_new_tokens": 24, "batch_size": 16, "buckets": None,
+                 "kv_error_examples": 8},
+        "ablation_aux": "lp0.50",
+        # One entry per extra method: an eval_lib.MethodSpec with {workdir} for the run's directory. LazyLLM's
+        # schedule names base layers (each in [1, num_layers - 1]): retune it with base_model's num_layers.
+        "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=2;interval_size=16",
+                          "lazyllm;schedule=2:0.7,4:0.5,6:0.4", "random_prune;keep=0.5",
+                          "static_prune;keep=0.5"],
+    },
+    "smoke": {
+        "tokenizer": "train:512",
+        "base_model": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+                       "num_kv_heads": 1, "head_dim": 16, "max_position_embeddings": 512},
+        "c_model": {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 1,
+                    "num_kv_heads": 1, "head_dim": 16, "max_position_embeddings": 512},
+        "lp_fractions": [0.5],
+        "data": {"num_qa_docs": 60, "qa_num_facts": [4, 8], "max_code_files": 20, "qa_questions_per_doc": 1,
+                 "seq_len": 64, "batch_size": 2},
+        "pretrain": {"steps": 4, "lr": 3e-3, "warmup_steps": 1},
+        "aux_pretrain": {"steps": 4, "lr": 3e-3, "warmup_steps": 1},
+        "kvp": {"steps": 4, "lr": 1e-3, "warmup_steps": 1},
+        "eval": {"num_qa": 4, "qa_num_facts": [4, 6], "num_code": 4, "code_context_chars": [64, 200],
+                 "qa_max_new_tokens": 4, "code_max_new_tokens": 8, "batch_size": 4, "buckets": [256],
+                 "kv_error_examples": 4},
+        "ablation_aux": "lp0.50",
+        "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=1;interval_size=8",
+                          "lazyllm;schedule=1:0.5", "random_prune;keep=0.5", "static_prune;keep=0.5"],
+    },
+}
+# KV Prediction's settings in the main rows; each ablation changes one of them.
+KVP_DEFAULTS = {"kv_reduce": "mean", "predictor": "kv", "attention_mode": "corenet"}
+ABLATIONS = ({"kv_reduce": "sum"}, {"predictor": "activation"}, {"attention_mode": "aligned"})
+STAGE_FILE = "quickstart_stage.json"
+
+
+def lp_label(fraction: float) -> str:
+  return f"lp{fraction:.2f}"
+
+
+def plan(preset: dict, ablations: bool = False) -> list[dict]:
+  """The training stages in order: {"name" (its directory), "kind", "needs" (stage names), "args"}."""
+  p = preset
+  stages = [
+      {"name": "base", "kind": "pretrain", "needs": [],
+       "args": {"model": p["base_model"], "tokenizer": p["tokenizer"], "data": p["data"], "optim": p["pretrain"]}},
+      {"name": "aux_c", "kind": "pretrain", "needs": ["base"],
+       "args": {"model": p["c_model"], "data": p["data"], "optim": p["aux_pretrain"]}},
+  ]
+  kvp_data = {**p["data"], "seed": 1}  # KV Prediction and LP-alone fine-tuning see the same, other, order
+  for f in p["lp_fractions"]:
+    stages.append({"name": f"lp_alone_{lp_label(f)}", "kind": "pretrain", "needs": ["base"],
+                   "args": {"lp_fraction": f, "data": kvp_data, "optim": p["kvp"]}})
+  auxes = [("c", {"kind": "c"})] + [(lp_label(f), {"kind": "lp", "lp_keep_fraction": f}) for f in p["lp_fractions"]]
+  runs = [(label, aux, {}) for label, aux in auxes]
+  if ablations and p["ablation_aux"] not in [label for label, _ in auxes]:
+    raise ValueError(f"ablation_aux={p['ablation_aux']!r} is not one of this preset's aux models "
+                     f"{[label for label, _ in auxes]}")
+  if ablations:  # after the main rows, so a run without them is a prefix of a run with them
+    runs += [(label, aux, v) for v in ABLATIONS for label, aux in auxes if label == p["ablation_aux"]]
+  for label, aux, v in runs:
+    name = f"kvp_{label}" + "".join(f"_{k}-{val}" for k, val in v.items())
+    stages.append({"name": name, "kind": "kvp", "needs": ["base"] + (["aux_c"] if label == "c" else []),
+                   "aux_label": label, "variant": v,
+                   "args": {"aux": aux, **KVP_DEFAULTS, **v, "data": kvp_data, "optim": p["kvp"]}})
+  return stages
+
+
+def method_specs(preset: dict, stages: list[dict], workdir: Path) -> list[str]:
+  """Every row of the evaluation, as eval_lib.MethodSpec strings."""
+  wd = workdir.absolute()
+  specs = ["base", f"aux_only:c@{wd}/aux_c"]
+  specs += [f"lp_alone:{lp_label(f)}@{wd}/lp_alone_{lp_label(f)}" for f in preset["lp_fractions"]]
+  for st in stages:
+    if st["kind"] == "kvp":
+      specs.append(f"kvp:{st['aux_label']}@{wd}/{st['name']}" + "".join(f";{k}={v}" for k, v in st["variant"].items()))
+  return specs + [s.format(workdir=wd) for s in preset["extra_methods"]]
+
+
+def _fingerprint(stage: dict, prints: dict) -> dict:
+  """What a stage's result depends on: its own settings and the fingerprints of the stages it starts from."""
+  return {"kind": stage["kind"], "args": stage["args"],
+          "needs": {n: hashlib.sha1(json.dumps(prints[n], sort_keys=True).encode()).hexdigest()[:12]
+                    for n in stage["needs"]}}
+
+
+def _finished(wd: Path, steps: int) -> bool:
+  from kvp_jax import checkpointing
+  if not (wd / "checkpoints").is_dir():
+    return False
+  ck = checkpointing.Checkpointer(wd, save_every=1)
+  try:
+    return ck.latest_step() == steps
+  finally:
+    ck.close()
+
+
+def _run_stage(stage: dict, workdir: Path, mesh):
+  from kvp_jax import aux_models, checkpointing, losses, stages, train_lib
+  a = stage["args"]
+  wd = workdir / stage["name"]
+  base = str(workdir / "base")
+  data = {**a["data"]}
+  data["qa_num_facts"] = tuple(data["qa_num_facts"])
+  data = stages.DataConfig(**data)
+  o = a["optim"]
+  optim = train_lib.OptimConfig(lr=o["lr"], warmup_steps=o["warmup_steps"])
+  common = dict(workdir=wd, data=data, steps=o["steps"], optim=optim, mesh=mesh, save_every=o["steps"],
+                log_every=max(1, o["steps"] // 10))
+  if stage["kind"] == "pretrain":
+    if "lp_fraction" in a:
+      n = checkpointing.load_model(base)[0].num_layers
+      return stages.pretrain(model=None, init_checkpoint=base, lp_keep=aux_models.lp_keep_layers(n, a["lp_fraction"]),
+                             tokenizer=base, z_loss=1e-4, **common)
+    return stages.pretrain(model=a["model"], init_checkpoint=None, lp_keep=None,
+                           tokenizer=a.get("tokenizer", base), z_loss=1e-4, **common)
+  aux = stages.AuxSpec(kind=a["aux"]["kind"], lp_keep_fraction=a["aux"].get("lp_keep_fraction", 0.5),
+                       checkpoint=str(workdir / "aux_c") if a["aux"]["kind"] == "c" else None)
+  loss = losses.KVPLossConfig(kv_reduce=a["kv_reduce"], attention_mode=a["attention_mode"])
+  return stages.kvp(base_checkpoint=base, aux=aux, predictor_kind=a["predictor"], predictor_init="identity",
+                    layer_map=None, loss=loss, freeze_aux=False, **common)
+
+
+def _fmt_s(s: float) -> str:
+  m, s = divmod(int(round(s)), 60)
+  return f"{m}m{s:02d}s"
+
+
+def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], None] = print) -> dict:
+  """Trains what is missing, evaluates, and returns the report (see kvp_jax/eval_lib.py)."""
+  from kvp_jax import checkpointing, eval_lib, sharding
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  stages = plan(preset, ablations)
+  specs = method_specs(preset, stages, workdir)
+  for s in specs:
+    eval_lib.MethodSpec.parse(s)  # a typo in a preset fails now, not after all the training
+  prints = {}
+  for st in stages:
+    prints[st["name"]] = _fingerprint(st, prints)
+  stale = [st["name"] for st in stages if (workdir / st["name"] / STAGE_FILE).exists() and json.loads(
+      (workdir / st["name"] / STAGE_FILE).read_text()) != json.loads(json.dumps(prints[st["name"]]))]
+  if stale:
+    raise ValueError(f"{', '.join(stale)} in {workdir} were trained with other settings (or from other models); "
+                     "delete those directories or pick another --workdir")
+  mesh = sharding.make_mesh(-1, 1)
+  total = len(stages) + 1
+  t_begin = time.time()
+  for i, st in enumerate(stages, 1):
+    wd = workdir / st["name"]
+    steps = st["args"]["optim"]["steps"]
+    if _finished(wd, steps):
+      log(f"[{i}/{total}] {st['name']}: reused (finished earlier)")
+      continue
+    what = f"{st['kind']} {steps} steps" + (f", {st['variant']}" if st.get("variant") else "")
+    log(f"[{i}/{total}] {st['name']}: {what} ...")
+    t0 = time.time()
+    wd.mkdir(parents=True, exist_ok=True)
+    checkpointing.write_json(wd / STAGE_FILE, prints[st["name"]])
+    _run_stage(st, workdir, mesh)
+    log(f"[{i}/{total}] {st['name']}: done in {_fmt_s(time.time() - t0)} (total {_fmt_s(time.time() - t_begin)})")
+
+  e = preset["eval"]
+  ec = eval_lib.EvalConfig(
+      num_qa=e["num_qa"], qa_num_facts=tuple(e["qa_num_facts"]), num_code=e["num_code"],
+      code_context_chars=tuple(e["code_context_chars"]), qa_max_new_tokens=e["qa_max_new_tokens"],
+      code_max_new_tokens=e["code_max_new_tokens"], batch_size=e["batch_size"],
+      buckets=tuple(e["buckets"]) if e["buckets"] else None, kv_error_examples=e["kv_error_examples"])
+  base = str((workdir / "base").absolute())
+  _write_eval_flags(workdir / "eval.flags", base, specs, ec, workdir / "eval")
+  out = workdir / "eval"
+  wanted = {"eval": ec.to_dict(), "base_checkpoint": base, "methods": specs}
+  old = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+  if old is not None and old.get("config", {}).get("stages") == json.loads(json.dumps(prints)) and {
+      k: old["config"].get(k) for k in wanted} == json.loads(json.dumps(wanted)):
+    log(f"[{total}/{total}] eval: reused {out}/report.json")
+    return old
+  log(f"[{total}/{total}] eval: {len(specs)} methods ...")
+  t0 = time.time()
+  report = eval_lib.evaluate(base, [eval_lib.MethodSpec.parse(s) for s in specs], ec, out, log=log,
+                             extra_config={"stages": prints})
+  log(f"[{total}/{total}] eval: done in {_fmt_s(time.time() - t0)} (total {_fmt_s(time.time() - t_begin)})")
+  return report
+
+
+def _write_eval_flags(path: Path, base: str, specs: list[str], ec, out: Path):
+  lines = [f"--base_checkpoint={base}", f"--output_dir={out.absolute()}"]
+  lines += [f"--method={s}" for s in specs]
+  for k, v in ec.to_dict().items():
+    if v is not None:
+      lines.append(f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}")
+  path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+F = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/quickstart", "Every stage's directory, eval.flags and eval/ go here.")
+flags.DEFINE_enum("preset", "default", sorted(PRESETS), "default: the full comparison; smoke: ~1 minute for CI.")
+flags.DEFINE_bool("ablations", False, "Also train and evaluate KV Prediction variants: lambda_C sum, activation "
+                  "predictor, aligned attention (for the preset's ablation aux).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  import sys
+  from kvp_jax import eval_lib
+  from kvp_jax.hf_checkpoint import CheckpointError
+  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)  # its per-save chatter
+  say = lambda s: print(s, flush=True)
+  try:
+    report = run(F.workdir, copy.deepcopy(PRESETS[F.preset]), ablations=F.ablations, log=say)
+  except (ValueError, CheckpointError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  out = Path(F.workdir) / "eval"
+  say("\n" + eval_lib.markdown(report))
+  say(f"\nreport: {out}/report.json ({out}/report.md); plots: {out}/pareto.png, {out}/kv_error.png; "
+      f"rerun the evaluation alone: python -m kvp_jax.eval --flagfile={F.workdir}/eval.flags")
+
+
+if __name__ == "__main__":
+  app.run(main)
