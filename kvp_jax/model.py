@@ -80,7 +80,7 @@ def lm_logits(cfg: ModelConfig, params: Params, x_BTD):
 def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None, *,
                    kv_override: Sequence[LayerKV] | None = None, attention_mode: str = "causal",
                    collect_kv: bool = False, collect_inputs: bool = False, compute_logits: bool = True,
-                   chunk: int = attention.DEFAULT_CHUNK, collect_qk: bool = False) -> ForwardOut:
+                   chunk: int | None = attention.DEFAULT_CHUNK, collect_qk: bool = False) -> ForwardOut:
   """Full causal forward pass without a cache.
 
   kv_override: per layer, predicted LayerKV (pre-RoPE keys) replacing the layer's own K/V in attention:
@@ -141,7 +141,7 @@ def _cached_layers(cfg: ModelConfig, params: Params, tokens_BT, pos_BT, cache: K
 
 
 def prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B=None, max_len: int | None = None, *,
-            all_logits: bool = False, chunk: int = attention.DEFAULT_CHUNK):
+            all_logits: bool = False, chunk: int | None = attention.DEFAULT_CHUNK):
   """Processes left-padded prompts [B, T] into a fresh cache of max_len slots.
 
   Returns (logits, cache): logits [B, V] of the last position (all rows end in the last column), or

@@ -1,0 +1,83 @@
+"""`python -m kvp_jax.bench --flagfile=configs/bench_cpu.flags --output=bench.json`
+
+XLA-compiled latency (TTFT, TPOT), FLOPs, memory of the base's prefill, each aux model alone, and KV Prediction,
+against a float32 matmul roofline and transformers' PyTorch prefill of the same weights; see bench_lib.py for
+the protocol. Prints a table, writes the JSON and a plot of TTFT against prompt length (<output>.png).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import app, flags
+
+flags.DEFINE_string("output", "bench.json", "Where the JSON goes; the plot goes beside it as .png.")
+flags.DEFINE_list("prompt_lens", ["128", "512", "1024", "2048"], "Prompt lengths T.")
+flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes B.")
+flags.DEFINE_integer("max_tokens_per_batch", 4096, "Skip (T, B) with B * T above this (keeps the run short).")
+flags.DEFINE_integer("runs", 5, "Timed runs per method (interleaved across methods).")
+flags.DEFINE_integer("warmup", 1, "Untimed calls per method before the timed runs.")
+flags.DEFINE_integer("tpot_steps", 20, "Timed decode steps per cache for TPOT.")
+flags.DEFINE_integer("matmul_n", 2048, "Size of the float32 roofline matmul (n x n x n).")
+flags.DEFINE_bool("torch", True, "Also time transformers' PyTorch prefill of the same base weights.")
+flags.DEFINE_string("dtype", "float32", "Parameter dtype of the JAX models (the torch peer is float32).")
+flags.DEFINE_integer("seed", 0, "Seed of random weights and tokens.")
+flags.DEFINE_string("base_checkpoint", None, "Base weights: a pretrain workdir or HF directory; random if unset.")
+flags.DEFINE_string("base_model", '{"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, '
+                    '"num_layers": 12, "num_heads": 12, "num_kv_heads": 4, "head_dim": 64}',
+                    "Random base: ModelConfig fields as JSON (ignored with --base_checkpoint).")
+flags.DEFINE_list("lp_fractions", ["0.25", "0.5"], "KVP-LP pairings: keep fractions of the base's layers.")
+flags.DEFINE_string("c_model", '{"hidden_size": 512, "intermediate_size": 1408, "num_layers": 6, '
+                    '"num_heads": 8, "num_kv_heads": 4, "head_dim": 64}',
+                    "KVP-C pairing: a narrower random aux, ModelConfig fields as JSON (vocab = the base's); '' for none.")
+flags.DEFINE_list("kvp_workdir", [], "Trained aux + predictor pairings from kvp workdirs (--stage=kvp).")
+
+FLAGS = flags.FLAGS
+
+
+def _build_spec():
+  import jax
+  import jax.numpy as jnp
+  from kvp_jax import bench_lib, checkpointing
+  from kvp_jax import params as P
+  from kvp_jax.config import ModelConfig
+  dtype = jnp.dtype(FLAGS.dtype)
+  key = jax.random.PRNGKey(FLAGS.seed)
+  if FLAGS.base_checkpoint:
+    base_cfg, base = checkpointing.load_model(FLAGS.base_checkpoint, dtype)
+  else:
+    base_cfg = ModelConfig(**json.loads(FLAGS.base_model))
+    base = P.init(base_cfg, key, dtype)
+  pairings = []
+  for i, f in enumerate(FLAGS.lp_fractions):
+    pairings.append(bench_lib.lp_pairing(base_cfg, base, float(f), jax.random.fold_in(key, 100 + i)))
+  if FLAGS.c_model:
+    aux_cfg = ModelConfig(**{"vocab_size": base_cfg.vocab_size, **json.loads(FLAGS.c_model)})
+    pairings.append(bench_lib.c_pairing(base_cfg, aux_cfg, jax.random.fold_in(key, 200), dtype))
+  for wd in FLAGS.kvp_workdir:
+    kcfg, _, kp = checkpointing.load_kvp(wd, base_params=base, dtype=dtype)
+    if kcfg.base != base_cfg:
+      raise ValueError(f"{wd} was trained for another base config than the one benchmarked")
+    pairings.append(bench_lib.Pairing(Path(wd).name, kcfg, kp))
+  return bench_lib.BenchSpec(
+      base_cfg=base_cfg, base=base, pairings=pairings, prompt_lens=[int(t) for t in FLAGS.prompt_lens],
+      batch_sizes=[int(b) for b in FLAGS.batch_sizes], max_tokens_per_batch=FLAGS.max_tokens_per_batch,
+      runs=FLAGS.runs, warmup=FLAGS.warmup, tpot_steps=FLAGS.tpot_steps, matmul_n=FLAGS.matmul_n,
+      torch=FLAGS.torch, seed=FLAGS.seed, log=lambda s: print(s, flush=True))
+
+
+def main(argv):
+  del argv
+  from kvp_jax import bench_lib
+  result = bench_lib.run(_build_spec())
+  out = Path(FLAGS.output)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1))
+  print(bench_lib.table(result))
+  png = out.with_suffix(".png")
+  print(f"wrote {out}" + (f" and {png}" if bench_lib.plot(result, png) else " (no matplotlib: no plot)"))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,440 @@
+"""Latency benchmark of prefill, KV Prediction and decode on XLA, against FLOPs and PyTorch (kvp_jax/bench.py).
+
+Protocol, per (prompt length T, batch B): every JAX method is compiled ahead of time (`lower().compile()`,
+timed on its own), then called `warmup` times, then `runs` times with `block_until_ready`, all methods
+interleaved run by run together with a float32 matmul (the roofline) and transformers' PyTorch prefill, so
+that load from other processes hits every figure alike. Reported: median, min and max seconds.
+
+Memory, two figures per row:
+- `peak_mem_bytes` (JAX rows): XLA's buffer assignment for the compiled call, `memory_analysis()`:
+  its peak where the backend reports one, else arguments (weights, tokens, cache) + outputs + temporaries
+  - aliased bytes. Static, so noise-free.
+- `rss_peak_delta_bytes` (every row, also torch): the process's resident-set high-water mark during one call
+  minus the resident set before it (Linux `/proc/self/clear_refs` reset). Allocator caching makes it a lower
+  bound on what the call allocates.
+Shape legend: see kvp_jax/config.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvp_jax import flops, kvp, model
+from kvp_jax import params as P
+from kvp_jax import predictor
+from kvp_jax.config import ModelConfig
+from kvp_jax.kvp import KVPParams
+from kvp_jax.predictor import KVPConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+  """One aux model + predictor for the base: `name` labels its rows (e.g. 'lp0.25', 'c')."""
+  name: str
+  kcfg: KVPConfig
+  kp: KVPParams
+
+
+@dataclasses.dataclass
+class Method:
+  """One measured call: `call()` runs it once and returns something to block on."""
+  method: str
+  aux: str | None
+  call: Callable[[], Any]
+  compile_s: float | None
+  flops: int
+  flops_no_attn: int
+  peak_mem_bytes: int | None = None
+  extra: dict = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- harness
+
+
+def aot_compile(jitted, *args, **kwargs):
+  """(compiled, seconds) of an ahead-of-time `lower(...).compile()`."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args, **kwargs).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def xla_peak_bytes(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # some backends do not report
+    return None
+  if m is None:
+    return None
+  peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+  if peak:
+    return peak
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _proc_status_kb(field: str) -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def rss_peak_delta(call: Callable[[], Any]) -> tuple[Any, int | None]:
+  """Runs call() once: (its output, resident-set high-water mark during it minus the resident set before)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")  # resets VmHWM to the current VmRSS
+  except OSError:
+    return jax.block_until_ready(call()), None
+  before = _proc_status_kb("VmRSS")
+  out = jax.block_until_ready(call())
+  peak = _proc_status_kb("VmHWM")
+  return out, None if before is None or peak is None else max(0, peak - before) * 1024
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, list[float]]:
+  """Seconds of each call, run by run in turn (every call's run r happens between everyone's r-1 and r+1)."""
+  for _ in range(warmup):
+    for c in calls.values():
+      jax.block_until_ready(c())
+  times = {k: [] for k in calls}
+  for _ in range(runs):
+    for k, c in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(c())
+      times[k].append(time.perf_counter() - t0)
+  return times
+
+
+def stats(ts: list[float]) -> dict[str, float]:
+  return {"median": float(np.median(ts)), "min": float(np.min(ts)), "max": float(np.max(ts))}
+
+
+def matmul_call(n: int, dtype=jnp.float32):
+  """(call, flops, compile_s) of an n x n x n matmul: the roofline that prefill's FLOP/s is measured against."""
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), dtype)
+  compiled, cs = aot_compile(jax.jit(jnp.matmul), a, b)
+  return (lambda: compiled(a, b)), 2 * n ** 3, cs
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def env_record() -> dict[str, Any]:
+  import jaxlib
+  env = {
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "jax_platforms": os.environ.get("JAX_PLATFORMS", ""), "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
+      "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+      "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+      "python": platform.python_version(), "platform": platform.platform(),
+      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
+  try:
+    env["loadavg_start"] = list(os.getloadavg())
+  except OSError:
+    pass
+  try:
+    import torch
+    import transformers
+    env.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), transformers=transformers.__version__)
+  except ImportError:
+    env["torch"] = None
+  return env
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def lp_pairing(base_cfg: ModelConfig, base: P.Params, fraction: float, key) -> Pairing:
+  """KVP-LP: the base with a `fraction` of its layers kept (METHOD.md rules) and a random K/V predictor."""
+  from kvp_jax import aux_models
+  keep = aux_models.lp_keep_layers(base_cfg.num_layers, fraction)
+  aux_cfg, aux = aux_models.prune_layers(base_cfg, base, keep)
+  kcfg = KVPConfig(base=base_cfg, aux=aux_cfg, kind="kv", layer_map=aux_models.lp_layer_map(base_cfg.num_layers, keep))
+  return Pairing(f"lp{fraction:g}", kcfg, KVPParams(aux=aux, pred=predictor.init(kcfg, key, aux.embed.dtype, "random")))
+
+
+def c_pairing(base_cfg: ModelConfig, aux_cfg: ModelConfig, key, dtype=jnp.float32, name: str = "c") -> Pairing:
+  """KVP-C: a separate, randomly initialised smaller model of the base's vocabulary and a random predictor."""
+  from kvp_jax import aux_models
+  aux_models.check_compatible(base_cfg, aux_cfg)
+  k1, k2 = jax.random.split(key)
+  kcfg = KVPConfig(base=base_cfg, aux=aux_cfg, kind="kv",
+                   layer_map=aux_models.c_layer_map(base_cfg.num_layers, aux_cfg.num_layers))
+  return Pairing(name, kcfg, KVPParams(aux=P.init(aux_cfg, k1, dtype), pred=predictor.init(kcfg, k2, dtype, "random")))
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+_prefill_jit = jax.jit(model.prefill, static_argnums=0, static_argnames=("max_len",))
+
+
+def base_prefill_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int) -> Method:
+  """TTFT of the base model's own prefill (first-token logits and its cache)."""
+  c, cs = aot_compile(_prefill_jit, cfg, params, tokens, starts, max_len=max_len)
+  B, T = tokens.shape
+  return Method("base", None, lambda: c(params, tokens, starts), cs, flops.prefill_flops(cfg, T, batch=B),
+                flops.prefill_flops(cfg, T, batch=B, attention=False), xla_peak_bytes(c))
+
+
+def aux_only_method(pair: Pairing, tokens, starts, max_len: int) -> Method:
+  """TTFT of the auxiliary model alone: its own prefill and first token (the paper's baseline)."""
+  m = base_prefill_method(pair.kcfg.aux, pair.kp.aux, tokens, starts, max_len)
+  return dataclasses.replace(m, method="aux_only", aux=pair.name)
+
+
+def kvp_method(pair: Pairing, base: P.Params, tokens, starts, max_len: int) -> Method:
+  """TTFT of KV Prediction (`kvp.kvp_prefill`): aux forward on tokens[:, :-1], predictor, predicted K/V into a
+  base KVCache (the base's key norm and RoPE applied), then the base's step on the last token."""
+  c, cs = aot_compile(kvp.kvp_prefill, pair.kcfg, base, pair.kp, tokens, starts, max_len=max_len)
+  B, T = tokens.shape
+  kc = pair.kcfg
+  f = flops.kvp_flops(kc.base, kc.aux, T, in_width=kc.in_width, batch=B)
+  f0 = flops.kvp_flops(kc.base, kc.aux, T, in_width=kc.in_width, batch=B, attention=False)
+  extra = {"paper_ttft_flops": flops.paper_ttft_flops(kc.aux, T, batch=B),
+           "ideal_speedup": flops.ideal_kvp_speedup(kc.base, kc.aux, T, in_width=kc.in_width),
+           "ideal_speedup_no_attn": flops.ideal_kvp_speedup(kc.base, kc.aux, T, in_width=kc.in_width,
+                                                            attention=False)}
+  return Method("kvp", pair.name, lambda: c(base, pair.kp, tokens, starts), cs, f, f0, xla_peak_bytes(c), extra)
+
+
+def torch_prefill_method(hf_dir, tokens: np.ndarray, base_cfg: ModelConfig) -> Method:
+  """transformers' PyTorch prefill of the same weights (SDPA attention, LM head at the last position only)."""
+  import torch
+  import transformers
+  from transformers import AutoModelForCausalLM
+  transformers.utils.logging.disable_progress_bar()
+  hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+  ids = torch.from_numpy(np.asarray(tokens, np.int64))
+
+  def call():
+    with torch.inference_mode():
+      return hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+
+  B, T = tokens.shape
+  return Method("hf_torch", None, call, None, flops.prefill_flops(base_cfg, T, batch=B),
+                flops.prefill_flops(base_cfg, T, batch=B, attention=False), None)
+
+
+def tpot(cfg: ModelConfig, params: P.Params, caches: dict[str, Any], steps: int, warmup: int = 1):
+  """Seconds per `model.decode_step` from each named cache (same shapes, so one compiled step), interleaved.
+
+  Each cache is advanced by its own chain of steps; the caches must have room for warmup + steps tokens.
+  Returns ({name: [seconds]}, compile_s).
+  """
+  first = next(iter(caches.values()))
+  tok = jnp.zeros((first.batch, 1), jnp.int32)
+  step, cs = aot_compile(model.decode_step, cfg, params, tok, first)
+  state = {k: jax.tree.map(jnp.copy, c) for k, c in caches.items()}  # the step donates its cache
+
+  def advance(k):
+    def call():
+      _, state[k] = step(params, tok, state[k])
+      return state[k].k
+    return call
+
+  return time_interleaved({k: advance(k) for k in caches}, steps, warmup), cs
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class BenchSpec:
+  base_cfg: ModelConfig
+  base: P.Params
+  pairings: list[Pairing]
+  prompt_lens: list[int]
+  batch_sizes: list[int]
+  max_tokens_per_batch: int = 1 << 30
+  runs: int = 5
+  warmup: int = 1
+  tpot_steps: int = 5
+  matmul_n: int = 2048
+  torch: bool = True
+  seed: int = 0
+  log: Callable[[str], None] = print
+
+
+def _tokens(cfg: ModelConfig, B: int, T: int, seed: int):
+  r = np.random.default_rng(seed)
+  return r.integers(0, cfg.vocab_size, (B, T), dtype=np.int32)
+
+
+def run(spec: BenchSpec) -> dict[str, Any]:
+  """Runs every (T, B) group and returns the bench.json object (env, matmul peak, rows, figures)."""
+  env = env_record()
+  torch_ok = spec.torch and env.get("torch") is not None
+  log = spec.log
+  mm_call, mm_flops, mm_cs = matmul_call(spec.matmul_n)
+  rows, mm_times = [], []
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = None
+    if torch_ok:
+      from kvp_jax import hf_checkpoint
+      hf_dir = hf_checkpoint.save_pretrained(spec.base_cfg, spec.base, os.path.join(tmp, "base_hf"))
+    for B in spec.batch_sizes:
+      for T in spec.prompt_lens:
+        if B * T > spec.max_tokens_per_batch:
+          log(f"skip B={B} T={T}: {B * T} tokens > max_tokens_per_batch={spec.max_tokens_per_batch}")
+          continue
+        rows += _run_group(spec, B, T, hf_dir, mm_call, mm_flops, mm_times)
+  try:
+    env["loadavg_end"] = list(os.getloadavg())
+  except OSError:
+    pass
+  peak = mm_flops / float(np.median(mm_times))
+  out = {"matmul_peak_flops_per_s": peak, "matmul_peak_flops_per_s_best": mm_flops / float(np.min(mm_times)),
+         "matmul_n": spec.matmul_n, "matmul_compile_s": mm_cs, "env": env,
+         "base_config": spec.base_cfg.to_dict(), "base_params": P.count(spec.base),
+         "aux": {p.name: {"config": p.kcfg.aux.to_dict(), "params": P.count(p.kp.aux),
+                          "layer_map": list(p.kcfg.layer_map)} for p in spec.pairings},
+         "protocol": {"runs": spec.runs, "warmup": spec.warmup, "tpot_steps": spec.tpot_steps,
+                      "interleaved": True, "torch": torch_ok},
+         "rows": rows}
+  out["figures"] = figures(out)
+  return out
+
+
+def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_times) -> list[dict]:
+  log = spec.log
+  max_len = T + spec.tpot_steps + spec.warmup
+  tokens = jnp.asarray(_tokens(spec.base_cfg, B, T, spec.seed + T + B))
+  starts = jnp.zeros((B,), jnp.int32)
+  log(f"B={B} T={T}: compiling")
+  methods = [base_prefill_method(spec.base_cfg, spec.base, tokens, starts, max_len)]
+  for p in spec.pairings:
+    methods.append(aux_only_method(p, tokens, starts, max_len))
+    methods.append(kvp_method(p, spec.base, tokens, starts, max_len))
+  if hf_dir is not None:
+    methods.append(torch_prefill_method(hf_dir, np.asarray(tokens), spec.base_cfg))
+  keys = [f"{m.method}:{m.aux}" for m in methods]
+  rss, outs = {}, {}
+  for k, m in zip(keys, methods):  # first call: the resident-set figure, and outputs for the TPOT caches
+    outs[k], rss[k] = rss_peak_delta(m.call)
+  calls = dict(zip(keys, (m.call for m in methods)))
+  calls["matmul"] = mm_call
+  log(f"B={B} T={T}: timing {len(methods)} methods x {spec.runs} runs")
+  times = time_interleaved(calls, spec.runs, max(0, spec.warmup - 1))
+  mm_times += times["matmul"]
+  peak_here = mm_flops / float(np.median(times["matmul"]))
+  # TPOT: the base decoding from its own cache and from each predicted cache.
+  caches = {"base:None": outs["base:None"][1]}
+  caches.update({f"kvp:{p.name}": outs[f"kvp:{p.name}"][1] for p in spec.pairings})
+  tp, tp_cs = tpot(spec.base_cfg, spec.base, caches, spec.tpot_steps, spec.warmup)
+  rows = []
+  base_med = float(np.median(times["base:None"]))
+  for k, m in zip(keys, methods):
+    s = stats(times[k])
+    row = {"method": m.method, "aux": m.aux, "prompt_len": T, "batch": B, "ttft_s_median": s["median"],
+           "ttft_s_min": s["min"], "ttft_s_max": s["max"], "ttft_s_runs": times[k], "compile_s": m.compile_s,
+           "flops": m.flops, "flops_no_attn": m.flops_no_attn,
+           "achieved_flops_per_s": m.flops / s["median"], "fraction_of_matmul_peak": m.flops / s["median"] / peak_here,
+           "peak_mem_bytes": m.peak_mem_bytes, "rss_peak_delta_bytes": rss[k], **m.extra}
+    if k in tp:
+      row["tpot_s_median"] = float(np.median(tp[k]))
+      row["tpot_s_min"] = float(np.min(tp[k]))
+      row["tpot_compile_s"] = tp_cs
+      row["tpot_from"] = "own cache" if m.method == "base" else "predicted cache"
+    if m.method == "kvp":
+      row["measured_speedup"] = base_med / s["median"]
+      row["speedup_over_ideal"] = row["measured_speedup"] / m.extra["ideal_speedup"]
+    if m.method == "hf_torch":
+      row["jax_over_torch_ttft"] = base_med / s["median"]
+    rows.append(row)
+  rows.append({"method": "matmul", "aux": None, "prompt_len": T, "batch": B, "matmul_n": spec.matmul_n,
+               "flops": mm_flops, **{f"ttft_s_{k}": v for k, v in stats(times["matmul"]).items()},
+               "achieved_flops_per_s": peak_here})
+  return rows
+
+
+def figures(result: dict) -> dict[str, Any]:
+  """The issue's four target figures, from the rows (None where the rows needed were not measured)."""
+  rows = [r for r in result["rows"] if r["method"] != "matmul"]
+  out: dict[str, Any] = {}
+  eff = [r["speedup_over_ideal"] for r in rows if r["method"] == "kvp" and r["prompt_len"] >= 512]
+  out["kvp_speedup_over_ideal_min_T_ge_512"] = min(eff) if eff else None
+  base = {(r["prompt_len"], r["batch"]): r for r in rows if r["method"] == "base"}
+  for b in sorted({r["batch"] for r in rows}):
+    ratios = [r["jax_over_torch_ttft"] for r in rows if r["method"] == "hf_torch" and r["batch"] == b]
+    out[f"jax_over_torch_ttft_max_batch{b}"] = max(ratios) if ratios else None
+  frac = [r["fraction_of_matmul_peak"] for r in base.values() if r["prompt_len"] >= 1024]
+  out["base_prefill_fraction_of_matmul_peak_min_T_ge_1024"] = min(frac) if frac else None
+  dev = []
+  for r in rows:
+    if r["method"] == "kvp" and "tpot_s_median" in r:
+      own = base[(r["prompt_len"], r["batch"])]["tpot_s_median"]
+      dev.append(r["tpot_s_median"] / own - 1)
+  out["tpot_predicted_over_own_minus_1_max_abs"] = max(map(abs, dev)) if dev else None
+  return out
+
+
+def table(result: dict) -> str:
+  """A fixed-width table of the rows for the terminal."""
+  hdr = (f"{'method':9s} {'aux':7s} {'B':>2s} {'T':>5s} {'ttft_med':>9s} {'min':>8s} {'max':>8s} {'comp_s':>6s} "
+         f"{'GFLOP':>8s} {'GF/s':>6s} {'%peak':>5s} {'x/ideal':>7s} {'tpot_ms':>7s} {'mem_MB':>7s}")
+  lines = [hdr]
+  for r in result["rows"]:
+    if r["method"] == "matmul":
+      continue
+    f = lambda k, fmt, scale=1.0: (fmt.format(r[k] * scale) if r.get(k) is not None else "-")
+    lines.append(
+        f"{r['method']:9s} {str(r['aux'] or '-'):7s} {r['batch']:>2d} {r['prompt_len']:>5d} "
+        f"{f('ttft_s_median', '{:9.4f}'):>9s} {f('ttft_s_min', '{:8.4f}'):>8s} {f('ttft_s_max', '{:8.4f}'):>8s} "
+        f"{f('compile_s', '{:6.1f}'):>6s} {f('flops', '{:8.2f}', 1e-9):>8s} "
+        f"{f('achieved_flops_per_s', '{:6.1f}', 1e-9):>6s} {f('fraction_of_matmul_peak', '{:5.2f}'):>5s} "
+        f"{f('speedup_over_ideal', '{:7.2f}'):>7s} {f('tpot_s_median', '{:7.2f}', 1e3):>7s} "
+        f"{f('peak_mem_bytes', '{:7.0f}', 2 ** -20):>7s}")
+  lines.append(f"matmul peak (median over all rounds): {result['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+  lines += [f"{k}: {v}" for k, v in result["figures"].items()]
+  return "\n".join(lines)
+
+
+def plot(result: dict, path) -> bool:
+  """TTFT against prompt length per method (one panel per batch size); False where matplotlib is missing."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  rows = [r for r in result["rows"] if r["method"] != "matmul"]
+  batches = sorted({r["batch"] for r in rows})
+  fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+  for ax, b in zip(axes[0], batches):
+    labels = sorted({(r["method"], r["aux"] or "") for r in rows if r["batch"] == b})
+    for meth, aux in labels:
+      pts = sorted((r["prompt_len"], r["ttft_s_median"]) for r in rows
+                   if r["batch"] == b and r["method"] == meth and (r["aux"] or "") == aux)
+      ax.plot(*zip(*pts), marker="o", label=f"{meth} {aux}".strip())
+    ax.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="TTFT median (s)",
+           title=f"batch {b}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True

@@ -1,0 +1,72 @@
+"""Benchmark smoke mode end to end (tiny models, one run): valid JSON with the fields issue 5 asks for; and
+the analytic FLOP counts of kvp_jax/flops.py against hand counts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+from kvp_jax import flops
+from kvp_jax.config import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_FIELDS = ("method", "aux", "prompt_len", "batch", "ttft_s_median", "ttft_s_min", "ttft_s_max", "flops",
+              "peak_mem_bytes")
+
+
+def test_prefill_flops_by_hand():
+  cfg = tiny_config()  # D 64, F 128, L 2, N 4, K 2, H 16, V 256
+  per_layer = 2 * (64 * (4 + 4) * 16 + 4 * 16 * 64 + 3 * 64 * 128)
+  T = 10
+  no_attn = T * 2 * per_layer + 2 * 64 * 256
+  attn = 2 * 2 * (4 * 16) * T * (T + 1)  # 2 L d_attn T (T + 1)
+  assert flops.prefill_flops(cfg, T, attention=False) == no_attn
+  assert flops.prefill_flops(cfg, T) == no_attn + attn
+  assert flops.prefill_flops(cfg, T, batch=3) == 3 * (no_attn + attn)
+
+
+def test_decode_and_kvp_flops_compose():
+  base = tiny_config(num_layers=4)
+  aux = tiny_config(num_layers=1)
+  T = 12
+  # Decoding token T after T - 1 cached ones = the last row of a T-token prefill plus its own LM head.
+  assert (flops.prefill_flops(base, T) - flops.prefill_flops(base, T - 1) + flops.lm_head_flops_per_token(base)
+          == flops.decode_flops(base, T - 1))
+  pred = (T - 1) * 4 * 2 * 2 * aux.kv_width * base.kv_width
+  assert flops.predictor_flops(base, aux.kv_width, T - 1) == pred
+  expect = flops.forward_flops(aux, T - 1, logits_positions=0) + pred + flops.decode_flops(base, T - 1)
+  assert flops.kvp_flops(base, aux, T) == expect
+  assert flops.paper_ttft_flops(aux, T) < flops.kvp_flops(base, aux, T)
+  assert 1 < flops.ideal_kvp_speedup(base, aux, T) < 4
+
+
+def test_bench_smoke_writes_valid_json(tmp_path):
+  out = tmp_path / "bench.json"
+  cmd = [sys.executable, "-m", "kvp_jax.bench", f"--flagfile={ROOT / 'configs/bench_smoke.flags'}", f"--output={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert res["matmul_peak_flops_per_s"] > 0
+  for k in ("jax", "jaxlib", "xla_flags", "devices", "cpu_model"):
+    assert k in res["env"], k
+  rows = [r for r in res["rows"] if r["method"] != "matmul"]
+  methods = {r["method"] for r in rows}
+  assert {"base", "aux_only", "kvp"} <= methods
+  try:
+    import torch  # noqa: F401
+    assert "hf_torch" in methods
+  except ImportError:
+    pass
+  for r in rows:
+    for k in ROW_FIELDS:
+      assert k in r, (k, r["method"])
+    assert 0 < r["ttft_s_min"] <= r["ttft_s_median"] <= r["ttft_s_max"]
+    assert r["flops"] > 0
+    if r["method"] in ("aux_only", "kvp"):
+      assert r["aux"] in ("lp0.5", "c")
+    if r["method"] in ("base", "kvp"):
+      assert r["tpot_s_median"] > 0
+  assert {(r["prompt_len"], r["batch"]) for r in rows} == {(24, 2)}
+  assert set(res["figures"]) >= {"kvp_speedup_over_ideal_min_T_ge_512", "tpot_predicted_over_own_minus_1_max_abs"}
+  assert out.with_suffix(".png").exists()
