@@ -20,6 +20,8 @@ flags.DEFINE_string("output_dir", "eval", "Where report.json, report.md and the 
 flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the base checkpoint's).")
 flags.DEFINE_integer("num_qa", 32, "Examples per QA task (one-hop and two-hop each).")
 flags.DEFINE_list("qa_num_facts", ["8", "24"], "Min,max facts per QA prompt (~15 tokens each).")
+flags.DEFINE_enum("qa_distractors", "shared", ["shared", "distinct"], "QA level (as the models were trained).")
+flags.DEFINE_enum("qa_answer_style", "bare", ["bare", "sentence"], "QA answer style (as the models were trained).")
 flags.DEFINE_integer("num_code", 32, "Next-line examples from held-out stdlib files.")
 flags.DEFINE_list("code_context_chars", ["256", "1024"], "Min,max characters of code context.")
 flags.DEFINE_integer("qa_max_new_tokens", 6, "Greedy tokens allowed for a QA answer.")
@@ -43,7 +45,8 @@ def main(argv):
   from kvp_jax.hf_checkpoint import CheckpointError
   try:
     ec = eval_lib.EvalConfig(
-        num_qa=F.num_qa, qa_num_facts=_pair(F.qa_num_facts), num_code=F.num_code,
+        num_qa=F.num_qa, qa_num_facts=_pair(F.qa_num_facts), qa_distractors=F.qa_distractors,
+        qa_answer_style=F.qa_answer_style, num_code=F.num_code,
         code_context_chars=_pair(F.code_context_chars), qa_max_new_tokens=F.qa_max_new_tokens,
         code_max_new_tokens=F.code_max_new_tokens, batch_size=F.batch_size,
         buckets=tuple(int(b) for b in F.buckets) if F.buckets else None, kv_error_examples=F.kv_error_examples,

@@ -50,6 +50,8 @@ BASELINE_METHODS = ("aux_only", "lp_alone")
 class EvalConfig:
   num_qa: int = 32  # examples per QA task (one-hop and two-hop each)
   qa_num_facts: tuple[int, int] = (8, 24)
+  qa_distractors: str = "shared"  # the QA level the models were trained on (data/qa_synthetic.py)
+  qa_answer_style: str = "bare"
   num_code: int = 32
   code_context_chars: tuple[int, int] = (256, 1024)
   qa_max_new_tokens: int = 6
@@ -103,7 +105,8 @@ def make_example(tok, context: str, target: str) -> Example:
 def make_tasks(tok, ec: EvalConfig) -> list[Task]:
   tasks = []
   for name, hops in (("qa", 1), ("qa_2hop", 2)):
-    data = qa_synthetic.make_dataset(ec.num_qa, ec.seed + hops, ec.qa_num_facts, hops=hops)
+    data = qa_synthetic.make_dataset(ec.num_qa, ec.seed + hops, ec.qa_num_facts, hops=hops,
+                                     distractors=ec.qa_distractors, answer_style=ec.qa_answer_style)
     tasks.append(Task(name, [make_example(tok, d["prompt"], d["completion"]) for d in data], ec.qa_max_new_tokens))
   lo, hi = ec.code_context_chars
   code = code_corpus.next_line_examples("test", ec.num_code, ec.seed, min_context_chars=lo, max_context_chars=hi)
@@ -187,7 +190,9 @@ def evaluate_method(method: methods.Method, tasks: list[Task], tok, ec: EvalConf
         if task.name == "code":
           hits += pred == exs[b].target
         else:
-          hits += pred is not None and qa_synthetic.exact_match(pred, exs[b].target)
+          # either answer style: the value a generation ends on must be the gold value
+          hits += pred is not None and qa_synthetic.exact_match(qa_synthetic.extract_value(pred),
+                                                                qa_synthetic.extract_value(exs[b].target))
       if task.name == "code":
         gold = _pad([e.gold_ids for e in exs], headroom, pad_id)
         preds = teacher_forced(method, tokens, starts, bucket + headroom, gold)

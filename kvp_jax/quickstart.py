@@ -205,6 +205,8 @@ def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], 
   e = preset["eval"]
   ec = eval_lib.EvalConfig(
       num_qa=e["num_qa"], qa_num_facts=tuple(e["qa_num_facts"]), num_code=e["num_code"],
+      qa_distractors=preset["data"].get("qa_distractors", "shared"),
+      qa_answer_style=preset["data"].get("qa_answer_style", "bare"),
       code_context_chars=tuple(e["code_context_chars"]), qa_max_new_tokens=e["qa_max_new_tokens"],
       code_max_new_tokens=e["code_max_new_tokens"], batch_size=e["batch_size"],
       buckets=tuple(e["buckets"]) if e["buckets"] else None, kv_error_examples=e["kv_error_examples"])
