@@ -1,6 +1,7 @@
 """`python -m kvp_jax.bench --flagfile=configs/bench_cpu.flags --output=bench.json`
 
-XLA-compiled latency (TTFT, TPOT), FLOPs, memory of the base's prefill, each aux model alone, and KV Prediction,
+XLA-compiled latency (TTFT, TPOT), FLOPs, memory of the base's prefill, each aux model alone, KV Prediction,
+KV Prediction + selective recomputation at a few budgets, and the LazyLLM / random / static pruning baselines,
 against a float32 matmul roofline and transformers' PyTorch prefill of the same weights; see bench_lib.py for
 the protocol. Prints a table, writes the JSON and a plot of TTFT against prompt length (<output>.png).
 """
@@ -32,6 +33,15 @@ flags.DEFINE_string("c_model", '{"hidden_size": 512, "intermediate_size": 1408, 
                     '"num_heads": 8, "num_kv_heads": 4, "head_dim": 64}',
                     "KVP-C pairing: a narrower random aux, ModelConfig fields as JSON (vocab = the base's); '' for none.")
 flags.DEFINE_list("kvp_workdir", [], "Trained aux + predictor pairings from kvp workdirs (--stage=kvp).")
+flags.DEFINE_list("recompute_budgets", ["1x16", "2x16", "4x32"],
+                  "kvp_recompute rows: num_intervals x interval_size per budget (recompute.py); empty for none.")
+flags.DEFINE_string("recompute_aux", "", "The pairing kvp_recompute uses (e.g. lp0.5); '' = the first LP pairing.")
+flags.DEFINE_float("recompute_edge_fraction", 0.1, "kvp_recompute: fraction of each prompt end always recomputed.")
+flags.DEFINE_enum("recompute_importance", "column", ["column", "last_row"], "kvp_recompute: token importance.")
+flags.DEFINE_string("lazyllm_schedule", "3:0.7,6:0.5,9:0.4",
+                    "lazyllm row: layer:keep_fraction,... (layers in [1, base layers)); '' for none.")
+flags.DEFINE_list("prune_keep", ["0.5"], "random_prune and static_prune rows: keep fractions; empty for none.")
+flags.DEFINE_float("static_probe_fraction", 0.25, "static_prune: fraction of layers run on every token.")
 
 FLAGS = flags.FLAGS
 
@@ -60,11 +70,23 @@ def _build_spec():
     if kcfg.base != base_cfg:
       raise ValueError(f"{wd} was trained for another base config than the one benchmarked")
     pairings.append(bench_lib.Pairing(Path(wd).name, kcfg, kp))
+  from kvp_jax import pruning
+  budgets = []
+  for b in FLAGS.recompute_budgets:
+    ni, _, isz = b.lower().partition("x")
+    if not isz:
+      raise ValueError(f"--recompute_budgets entries are num_intervals x interval_size (e.g. 2x16), got {b!r}")
+    budgets.append((int(ni), int(isz)))
+  schedule = pruning.check_schedule(pruning.parse_schedule(FLAGS.lazyllm_schedule), base_cfg.num_layers)
   return bench_lib.BenchSpec(
       base_cfg=base_cfg, base=base, pairings=pairings, prompt_lens=[int(t) for t in FLAGS.prompt_lens],
       batch_sizes=[int(b) for b in FLAGS.batch_sizes], max_tokens_per_batch=FLAGS.max_tokens_per_batch,
       runs=FLAGS.runs, warmup=FLAGS.warmup, tpot_steps=FLAGS.tpot_steps, matmul_n=FLAGS.matmul_n,
-      torch=FLAGS.torch, seed=FLAGS.seed, log=lambda s: print(s, flush=True))
+      torch=FLAGS.torch, seed=FLAGS.seed, log=lambda s: print(s, flush=True),
+      recompute_budgets=tuple(budgets), recompute_pairing=FLAGS.recompute_aux or None,
+      recompute_edge_fraction=FLAGS.recompute_edge_fraction, recompute_importance=FLAGS.recompute_importance,
+      lazyllm_schedule=schedule, prune_keep=tuple(float(k) for k in FLAGS.prune_keep),
+      static_probe_fraction=FLAGS.static_probe_fraction)
 
 
 def main(argv):

@@ -5,6 +5,12 @@ timed on its own), then called `warmup` times, then `runs` times with `block_unt
 interleaved run by run together with a float32 matmul (the roofline) and transformers' PyTorch prefill, so
 that load from other processes hits every figure alike. Reported: median, min and max seconds.
 
+Methods: `base` (the base's prefill), per pairing `aux_only` and `kvp`, `hf_torch`; and, when the spec asks,
+`kvp_recompute` (KV Prediction + selective recomputation, recompute.py) for one pairing at a few budgets
+(num_intervals x interval_size), `lazyllm`, `random_prune` and `static_prune` (pruning.py) on the base. Those
+rows carry `settings` (the method's configuration), the FLOP-ideal and measured speed-ups over the base, and
+(kvp_recompute) TPOT of the base from the recomputed cache.
+
 Memory, two figures per row:
 - `peak_mem_bytes` (JAX rows): XLA's buffer assignment for the compiled call, `memory_analysis()`:
   its peak where the backend reports one, else arguments (weights, tokens, cache) + outputs + temporaries
@@ -55,6 +61,26 @@ class Method:
   flops_no_attn: int
   peak_mem_bytes: int | None = None
   extra: dict = dataclasses.field(default_factory=dict)
+  settings: dict | None = None  # recomputation / pruning configuration; None for the original methods
+
+  @property
+  def key(self) -> str:
+    """Unique within a group: 'method:aux', plus the settings' short label where there are settings."""
+    k = f"{self.method}:{self.aux}"
+    return k if self.settings is None else f"{k}:{settings_label(self.method, self.settings)}"
+
+
+def settings_label(method: str, settings: dict | None) -> str:
+  """A short label of a row's settings for keys, the table and the plot ('' for none)."""
+  if not settings:
+    return ""
+  if method == "kvp_recompute":
+    return f"{settings['num_intervals']}x{settings['interval_size']}"
+  if method == "lazyllm":
+    return str(settings["schedule"])
+  if "keep" in settings:
+    return f"keep={settings['keep']:g}"
+  return ",".join(f"{k}={v}" for k, v in settings.items())
 
 
 # ---------------------------------------------------------------------------------------------- harness
@@ -221,6 +247,71 @@ def kvp_method(pair: Pairing, base: P.Params, tokens, starts, max_len: int) -> M
   return Method("kvp", pair.name, lambda: c(base, pair.kp, tokens, starts), cs, f, f0, xla_peak_bytes(c), extra)
 
 
+def _speedup_extra(base_cfg: ModelConfig, B: int, T: int, f: int, f0: int) -> dict:
+  """The base's prefill FLOPs over a method's: the TTFT speed-up if time were proportional to FLOPs."""
+  return {"ideal_speedup": flops.prefill_flops(base_cfg, T, batch=B) / f,
+          "ideal_speedup_no_attn": flops.prefill_flops(base_cfg, T, batch=B, attention=False) / f0}
+
+
+def recompute_bench_method(pair: Pairing, base: P.Params, tokens, starts, max_len: int, num_intervals: int,
+                           interval_size: int, edge_fraction: float = 0.1, importance: str = "column") -> Method:
+  """TTFT of KV Prediction + selective recomputation (`recompute.recompute_prefill`) at one budget."""
+  from kvp_jax import recompute
+  rm = recompute.recompute_method(pair.kcfg, base, pair.kp, pair.name, num_intervals, interval_size,
+                                  edge_fraction, importance)
+  kw = dict(num_intervals=num_intervals, interval_size=interval_size, edge_fraction=edge_fraction,
+            importance=importance)
+  c, cs = aot_compile(recompute.recompute_prefill, pair.kcfg, base, pair.kp, tokens, starts, max_len=max_len, **kw)
+  B, T = tokens.shape
+  f = B * recompute.recompute_flops(pair.kcfg, T, **kw)
+  f0 = B * recompute.recompute_flops(pair.kcfg, T, **kw, attention=False)
+  extra = {"recompute_columns": recompute.budget(T, num_intervals, interval_size, edge_fraction),
+           "paper_ttft_flops": B * rm.ttft_flops_paper(T), **_speedup_extra(pair.kcfg.base, B, T, f, f0)}
+  return Method("kvp_recompute", pair.name, lambda: c(base, pair.kp, tokens, starts), cs, f, f0, xla_peak_bytes(c),
+                extra, dict(rm.settings))
+
+
+def lazyllm_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, schedule) -> Method:
+  """TTFT of LazyLLM's progressively pruned prefill (`pruning.lazyllm_prefill`; decode not measured)."""
+  from kvp_jax import pruning
+  schedule = pruning.check_schedule(schedule, cfg.num_layers)
+  lm = pruning.lazyllm_method(cfg, params, schedule)
+  c, cs = aot_compile(pruning.lazyllm_prefill, cfg, params, tokens, starts, max_len=max_len, schedule=schedule)
+  B, T = tokens.shape
+  f = B * pruning.lazyllm_flops(cfg, T, schedule)
+  f0 = B * pruning.lazyllm_flops(cfg, T, schedule, attention=False)
+  return Method("lazyllm", None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
+                _speedup_extra(cfg, B, T, f, f0), {"schedule": lm.settings["schedule"]})
+
+
+def random_prune_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, keep: float,
+                              seed: int = 0) -> Method:
+  """TTFT of the base on a random `keep` fraction of each prompt (`pruning.random_prune_prefill`)."""
+  from kvp_jax import pruning
+  pm = pruning.random_prune_method(cfg, params, keep, seed)
+  c, cs = aot_compile(pruning.random_prune_prefill, cfg, params, tokens, starts, max_len=max_len, keep=keep,
+                      seed=seed)
+  B, T = tokens.shape
+  f = B * pruning.random_prune_flops(cfg, T, keep)
+  f0 = B * pruning.random_prune_flops(cfg, T, keep, attention=False)
+  return Method("random_prune", None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
+                _speedup_extra(cfg, B, T, f, f0), dict(pm.settings))
+
+
+def static_prune_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, keep: float,
+                              probe_fraction: float = 0.25) -> Method:
+  """TTFT of pruning once from the first layers' attention (`pruning.static_prune_prefill`)."""
+  from kvp_jax import pruning
+  pm = pruning.static_prune_method(cfg, params, keep, probe_fraction)
+  c, cs = aot_compile(pruning.static_prune_prefill, cfg, params, tokens, starts, max_len=max_len, keep=keep,
+                      probe_fraction=probe_fraction)
+  B, T = tokens.shape
+  f = B * pruning.static_prune_flops(cfg, T, keep, probe_fraction)
+  f0 = B * pruning.static_prune_flops(cfg, T, keep, probe_fraction, attention=False)
+  return Method("static_prune", None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
+                _speedup_extra(cfg, B, T, f, f0), dict(pm.settings))
+
+
 def torch_prefill_method(hf_dir, tokens: np.ndarray, base_cfg: ModelConfig) -> Method:
   """transformers' PyTorch prefill of the same weights (SDPA attention, LM head at the last position only)."""
   import torch
@@ -277,6 +368,26 @@ class BenchSpec:
   torch: bool = True
   seed: int = 0
   log: Callable[[str], None] = print
+  # Recomputation / pruning rows (none by default).
+  recompute_budgets: tuple = ()  # ((num_intervals, interval_size), ...): one kvp_recompute row each
+  recompute_pairing: str | None = None  # the pairing's name; None: the first LP pairing (else the first)
+  recompute_edge_fraction: float = 0.1
+  recompute_importance: str = "column"
+  lazyllm_schedule: tuple = ()  # ((layer, keep fraction), ...); empty: no lazyllm row
+  prune_keep: tuple = ()  # keep fractions: one random_prune and one static_prune row each
+  static_probe_fraction: float = 0.25
+
+
+def recompute_pairing(spec: BenchSpec) -> Pairing | None:
+  """The pairing the kvp_recompute rows use (None when there are no budgets or no pairings)."""
+  if not spec.recompute_budgets or not spec.pairings:
+    return None
+  if spec.recompute_pairing:
+    for p in spec.pairings:
+      if p.name == spec.recompute_pairing:
+        return p
+    raise ValueError(f"recompute pairing {spec.recompute_pairing!r} not among {[p.name for p in spec.pairings]}")
+  return next((p for p in spec.pairings if p.name.startswith("lp")), spec.pairings[0])
 
 
 def _tokens(cfg: ModelConfig, B: int, T: int, seed: int):
@@ -329,9 +440,20 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
   for p in spec.pairings:
     methods.append(aux_only_method(p, tokens, starts, max_len))
     methods.append(kvp_method(p, spec.base, tokens, starts, max_len))
+  rp = recompute_pairing(spec)
+  for ni, isz in spec.recompute_budgets if rp is not None else ():
+    methods.append(recompute_bench_method(rp, spec.base, tokens, starts, max_len, ni, isz,
+                                          spec.recompute_edge_fraction, spec.recompute_importance))
+  if spec.lazyllm_schedule:
+    methods.append(lazyllm_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, spec.lazyllm_schedule))
+  for keep in spec.prune_keep:
+    methods.append(random_prune_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, keep, spec.seed))
+    methods.append(static_prune_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, keep,
+                                             spec.static_probe_fraction))
   if hf_dir is not None:
     methods.append(torch_prefill_method(hf_dir, np.asarray(tokens), spec.base_cfg))
-  keys = [f"{m.method}:{m.aux}" for m in methods]
+  keys = [m.key for m in methods]
+  assert len(set(keys)) == len(keys), keys
   rss, outs = {}, {}
   for k, m in zip(keys, methods):  # first call: the resident-set figure, and outputs for the TPOT caches
     outs[k], rss[k] = rss_peak_delta(m.call)
@@ -341,15 +463,17 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
   times = time_interleaved(calls, spec.runs, max(0, spec.warmup - 1))
   mm_times += times["matmul"]
   peak_here = mm_flops / float(np.median(times["matmul"]))
-  # TPOT: the base decoding from its own cache and from each predicted cache.
+  # TPOT: the base decoding from its own cache and from each predicted (and each recomputed) cache.
   caches = {"base:None": outs["base:None"][1]}
   caches.update({f"kvp:{p.name}": outs[f"kvp:{p.name}"][1] for p in spec.pairings})
+  caches.update({k: outs[k][1] for k, m in zip(keys, methods) if m.method == "kvp_recompute"})
   tp, tp_cs = tpot(spec.base_cfg, spec.base, caches, spec.tpot_steps, spec.warmup)
   rows = []
   base_med = float(np.median(times["base:None"]))
   for k, m in zip(keys, methods):
     s = stats(times[k])
-    row = {"method": m.method, "aux": m.aux, "prompt_len": T, "batch": B, "ttft_s_median": s["median"],
+    row = {"method": m.method, "aux": m.aux, **({} if m.settings is None else {"settings": m.settings}),
+           "prompt_len": T, "batch": B, "ttft_s_median": s["median"],
            "ttft_s_min": s["min"], "ttft_s_max": s["max"], "ttft_s_runs": times[k], "compile_s": m.compile_s,
            "flops": m.flops, "flops_no_attn": m.flops_no_attn,
            "achieved_flops_per_s": m.flops / s["median"], "fraction_of_matmul_peak": m.flops / s["median"] / peak_here,
@@ -358,8 +482,8 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
       row["tpot_s_median"] = float(np.median(tp[k]))
       row["tpot_s_min"] = float(np.min(tp[k]))
       row["tpot_compile_s"] = tp_cs
-      row["tpot_from"] = "own cache" if m.method == "base" else "predicted cache"
-    if m.method == "kvp":
+      row["tpot_from"] = {"base": "own cache", "kvp_recompute": "recomputed cache"}.get(m.method, "predicted cache")
+    if "ideal_speedup" in m.extra:  # kvp, and the recomputation / pruning methods
       row["measured_speedup"] = base_med / s["median"]
       row["speedup_over_ideal"] = row["measured_speedup"] / m.extra["ideal_speedup"]
     if m.method == "hf_torch":
@@ -394,20 +518,20 @@ def figures(result: dict) -> dict[str, Any]:
 
 def table(result: dict) -> str:
   """A fixed-width table of the rows for the terminal."""
-  hdr = (f"{'method':9s} {'aux':7s} {'B':>2s} {'T':>5s} {'ttft_med':>9s} {'min':>8s} {'max':>8s} {'comp_s':>6s} "
-         f"{'GFLOP':>8s} {'GF/s':>6s} {'%peak':>5s} {'x/ideal':>7s} {'tpot_ms':>7s} {'mem_MB':>7s}")
+  hdr = (f"{'method':13s} {'aux':7s} {'B':>2s} {'T':>5s} {'ttft_med':>9s} {'min':>8s} {'max':>8s} {'comp_s':>6s} "
+         f"{'GFLOP':>8s} {'GF/s':>6s} {'%peak':>5s} {'x/ideal':>7s} {'tpot_ms':>7s} {'mem_MB':>7s} settings")
   lines = [hdr]
   for r in result["rows"]:
     if r["method"] == "matmul":
       continue
     f = lambda k, fmt, scale=1.0: (fmt.format(r[k] * scale) if r.get(k) is not None else "-")
     lines.append(
-        f"{r['method']:9s} {str(r['aux'] or '-'):7s} {r['batch']:>2d} {r['prompt_len']:>5d} "
+        f"{r['method']:13s} {str(r['aux'] or '-'):7s} {r['batch']:>2d} {r['prompt_len']:>5d} "
         f"{f('ttft_s_median', '{:9.4f}'):>9s} {f('ttft_s_min', '{:8.4f}'):>8s} {f('ttft_s_max', '{:8.4f}'):>8s} "
         f"{f('compile_s', '{:6.1f}'):>6s} {f('flops', '{:8.2f}', 1e-9):>8s} "
         f"{f('achieved_flops_per_s', '{:6.1f}', 1e-9):>6s} {f('fraction_of_matmul_peak', '{:5.2f}'):>5s} "
         f"{f('speedup_over_ideal', '{:7.2f}'):>7s} {f('tpot_s_median', '{:7.2f}', 1e3):>7s} "
-        f"{f('peak_mem_bytes', '{:7.0f}', 2 ** -20):>7s}")
+        f"{f('peak_mem_bytes', '{:7.0f}', 2 ** -20):>7s} {settings_label(r['method'], r.get('settings'))}")
   lines.append(f"matmul peak (median over all rounds): {result['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
   lines += [f"{k}: {v}" for k, v in result["figures"].items()]
   return "\n".join(lines)
@@ -425,11 +549,10 @@ def plot(result: dict, path) -> bool:
   batches = sorted({r["batch"] for r in rows})
   fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
   for ax, b in zip(axes[0], batches):
-    labels = sorted({(r["method"], r["aux"] or "") for r in rows if r["batch"] == b})
-    for meth, aux in labels:
-      pts = sorted((r["prompt_len"], r["ttft_s_median"]) for r in rows
-                   if r["batch"] == b and r["method"] == meth and (r["aux"] or "") == aux)
-      ax.plot(*zip(*pts), marker="o", label=f"{meth} {aux}".strip())
+    lab = lambda r: (r["method"], r["aux"] or "", settings_label(r["method"], r.get("settings")))
+    for meth, aux, st in sorted({lab(r) for r in rows if r["batch"] == b}):
+      pts = sorted((r["prompt_len"], r["ttft_s_median"]) for r in rows if r["batch"] == b and lab(r) == (meth, aux, st))
+      ax.plot(*zip(*pts), marker="o", label=" ".join(x for x in (meth, aux, st) if x))
     ax.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="TTFT median (s)",
            title=f"batch {b}")
     ax.grid(True, which="both", alpha=0.3)

@@ -52,7 +52,17 @@ def test_bench_smoke_writes_valid_json(tmp_path):
     assert k in res["env"], k
   rows = [r for r in res["rows"] if r["method"] != "matmul"]
   methods = {r["method"] for r in rows}
-  assert {"base", "aux_only", "kvp"} <= methods
+  assert {"base", "aux_only", "kvp", "kvp_recompute", "lazyllm", "random_prune", "static_prune"} <= methods
+  rec = [r for r in rows if r["method"] == "kvp_recompute"]
+  assert sorted((r["settings"]["num_intervals"], r["settings"]["interval_size"]) for r in rec) == [(1, 4), (2, 4)]
+  assert {r["aux"] for r in rec} == {"lp0.5"}  # the first LP pairing
+  settings = {r["method"]: r["settings"] for r in rows if r["method"] in ("lazyllm", "random_prune", "static_prune")}
+  assert settings["lazyllm"]["schedule"] == "1:0.7,2:0.5"
+  assert settings["random_prune"]["keep"] == settings["static_prune"]["keep"] == 0.5
+  for r in rows:
+    if r["method"] in ("kvp_recompute", "lazyllm", "random_prune", "static_prune"):
+      assert r["measured_speedup"] > 0 and r["ideal_speedup"] > 0 and r["flops_no_attn"] > 0
+      assert r["compile_s"] > 0
   try:
     import torch  # noqa: F401
     assert "hf_torch" in methods
@@ -63,9 +73,9 @@ def test_bench_smoke_writes_valid_json(tmp_path):
       assert k in r, (k, r["method"])
     assert 0 < r["ttft_s_min"] <= r["ttft_s_median"] <= r["ttft_s_max"]
     assert r["flops"] > 0
-    if r["method"] in ("aux_only", "kvp"):
+    if r["method"] in ("aux_only", "kvp", "kvp_recompute"):
       assert r["aux"] in ("lp0.5", "c")
-    if r["method"] in ("base", "kvp"):
+    if r["method"] in ("base", "kvp", "kvp_recompute"):
       assert r["tpot_s_median"] > 0
   assert {(r["prompt_len"], r["batch"]) for r in rows} == {(24, 2)}
   assert set(res["figures"]) >= {"kvp_speedup_over_ideal_min_T_ge_512", "tpot_predicted_over_own_minus_1_max_abs"}
