@@ -35,6 +35,7 @@ class DataConfig:
   qa_questions_per_doc: int = 1  # more questions per QA document = denser retrieval signal
   qa_distractors: str = "shared"  # difficulty of the synthetic QA: "shared" (hard) or "distinct" (easy)
   qa_answer_style: str = "bare"  # "bare" value or a restating "sentence" (see data/qa_synthetic.py)
+  qa_recap: bool = False  # restate the facts before the questions: a dense copying signal
   seq_len: int = 256
   batch_size: int = 8
   seed: int = 0
@@ -45,7 +46,8 @@ def texts_for(dc: DataConfig) -> list[str]:
     return pipeline.mixed_pretraining_texts(num_qa_docs=dc.num_qa_docs, seed=dc.seed,
                                             max_code_files=dc.max_code_files, num_facts_range=dc.qa_num_facts,
                                             questions_per_doc=dc.qa_questions_per_doc,
-                                            distractors=dc.qa_distractors, answer_style=dc.qa_answer_style)
+                                            distractors=dc.qa_distractors, answer_style=dc.qa_answer_style,
+                                            recap=dc.qa_recap)
   return pipeline.load_texts(dc.source)
 
 

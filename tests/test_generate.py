@@ -11,24 +11,12 @@ from kvp_jax import generation, model
 from kvp_jax import params as params_lib
 from kvp_jax.config import ModelConfig, tiny_config
 from kvp_jax.generation import bucket_length, decode_from, generate, pad_prompts
+from helpers import random_params
 
 CFG = tiny_config(max_position_embeddings=128)
 NEW = 8  # one max_new_tokens for most tests, so they share compiled programs
 
 logits_jit = jax.jit(model.logits, static_argnums=0)
-
-
-def random_params(cfg: ModelConfig, seed: int = 0) -> params_lib.Params:
-  """Random weights with norms off 1 (numpy, so no per-shape compiles as eager jax.random would cause)."""
-  rng = np.random.default_rng(seed)
-
-  def make(spec: params_lib.ParamSpec):
-    noise = rng.standard_normal(spec.shape).astype(np.float32)
-    if spec.init in ("ones", "zeros"):
-      return jnp.asarray((spec.init == "ones") + 0.1 * noise)
-    return jnp.asarray(noise / np.sqrt(cfg.hidden_size if spec.init == "embed" else spec.fan_in))
-
-  return params_lib.map_specs(make, params_lib.param_specs(cfg))
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,6 +10,7 @@ import pytest
 from kvp_jax import model
 from kvp_jax import params as params_lib
 from kvp_jax.config import ModelConfig, RopeScaling, tiny_config
+from helpers import random_params
 
 CONFIGS = {
     "llama_gqa2": tiny_config(),
@@ -22,22 +23,6 @@ CONFIGS = {
 logits_jit = jax.jit(model.logits, static_argnums=0)
 prefill_jit = jax.jit(model.prefill, static_argnums=0, static_argnames=("max_len", "all_logits"))
 forward_jit = jax.jit(model.forward, static_argnums=0, static_argnames=("all_logits",))
-
-
-def random_params(cfg: ModelConfig, seed: int = 0) -> params_lib.Params:
-  """Random weights, with norms and biases off 1 and 0 so that a dropped or misplaced one shows.
-
-  Drawn with numpy: eager jax.random would compile one small program per parameter shape.
-  """
-  rng = np.random.default_rng(seed)
-
-  def make(spec: params_lib.ParamSpec):
-    noise = rng.standard_normal(spec.shape).astype(np.float32)
-    if spec.init in ("ones", "zeros"):
-      return jnp.asarray((spec.init == "ones") + 0.1 * noise)
-    return jnp.asarray(noise / np.sqrt(cfg.hidden_size if spec.init == "embed" else spec.fan_in))
-
-  return params_lib.map_specs(make, params_lib.param_specs(cfg))
 
 
 @functools.lru_cache(maxsize=None)

@@ -157,13 +157,13 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
 def mixed_pretraining_texts(num_qa_docs: int = 2000, seed: int = 0, max_code_files: int | None = None,
                             num_facts_range: tuple[int, int] = (16, 136), hops: tuple[int, ...] = (1, 2),
                             questions_per_doc: int = 1, distractors: str = "shared",
-                            answer_style: str = "bare") -> list[str]:
+                            answer_style: str = "bare", recap: bool = False) -> list[str]:
   """The embedded default corpus: stdlib train-split code plus synthetic QA training docs, in a seeded order."""
   from kvp_jax.data import code_corpus, qa_synthetic
   texts = code_corpus.code_documents("train", max_code_files)
   texts += qa_synthetic.training_documents(num_qa_docs, seed, num_facts_range=num_facts_range, hops=hops,
                                           questions_per_doc=questions_per_doc, distractors=distractors,
-                                          answer_style=answer_style)
+                                          answer_style=answer_style, recap=recap)
   random.Random(seed).shuffle(texts)
   return texts
 

@@ -237,12 +237,15 @@ def _context_questions(context: str) -> list[tuple[str, str]]:
 def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16, 136),
                        hops: tuple[int, ...] = (1, 2), filler_ratio: float = 0.3,
                        questions_per_doc: int = 1, distractors: str = "shared",
-                       answer_style: str = "bare") -> list[str]:
+                       answer_style: str = "bare", recap: bool = False) -> list[str]:
   """Pretraining texts: the context, then `questions_per_doc` question/answer pairs, hop counts alternating.
 
   One question per document gives one retrieval target per few hundred tokens, too sparse a signal for a small
   model to learn retrieval in minutes; extra questions (drawn from every fact the context states, the
   example's own question always among them) multiply that signal without changing the evaluation format.
+  recap: after the context, restate its facts in a new order before the questions. Every recap token can be
+  copied from the context, a dense signal in which copying heads form within a few hundred steps (as on a
+  plain repeated-sequence task), where one answer per question alone took longer than the quickstart has.
   Use a different seed from the evaluation set's; with ~10^4 names and 9000 values, overlap is negligible.
   """
   rng = random.Random(seed)
@@ -257,7 +260,11 @@ def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16
       qa += rng.sample(others, min(questions_per_doc - 1, len(others)))
       rng.shuffle(qa)
     say = (lambda q, a: _answer_sentence(ex["context"], q, a)) if answer_style == "sentence" else (lambda q, a: a)
-    docs.append(ex["context"] + "".join(f"\nQuestion: {q}\nAnswer: {say(q, a)}" for q, a in qa) + "\n")
+    text = ex["context"]
+    if recap:
+      facts = [l for l in ex["context"].split("\n") if l not in FILLER]
+      text += "\nRecap:\n" + "\n".join(rng.sample(facts, len(facts)))
+    docs.append(text + "".join(f"\nQuestion: {q}\nAnswer: {say(q, a)}" for q, a in qa) + "\n")
   return docs
 
 
