@@ -69,10 +69,6 @@ def write_json(path: Path, obj: Any):
   tmp.replace(path)
 
 
-def _abstract_like(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def load_model(path, dtype=None) -> tuple[ModelConfig, P.Params]:
   """(cfg, params) from a pretrain workdir (latest checkpoint) or a Hugging Face directory / hub name."""
   import jax.numpy as jnp
@@ -106,8 +102,9 @@ def load_kvp(workdir, base_params=None, dtype=None):
   ck = Checkpointer(p, save_every=1)
   if ck.latest_step() is None:
     raise hf_checkpoint.CheckpointError(f"{p} has no finished checkpoint yet; train it first (or wait)")
-  abstract = {"aux": P.abstract(kcfg.aux), "pred": _abstract_like(
-      predictor.init(kcfg, jax.random.PRNGKey(0), how="random"))}
+  # shapes only: eval_shape allocates no predictor just to describe what to restore
+  abstract = {"aux": P.abstract(kcfg.aux),
+              "pred": jax.eval_shape(lambda k: predictor.init(kcfg, k, how="random"), jax.random.PRNGKey(0))}
   params = ck.restore_params(abstract)
   ck.close()
   kp = kvp.KVPParams(aux=P.cast(params["aux"], dtype), pred=P.cast(params["pred"], dtype))

@@ -1,7 +1,8 @@
 """Every TTFT method behind one interface, so evaluation and benchmarks treat them alike.
 
 A method turns a left-padded prompt batch into the first token's logits and a decoding state (`prefill`), then
-advances one token at a time (`step`); greedy generation and teacher-forced scoring are built on those two.
+advances one token at a time (`step`); greedy generation (here) and teacher-forced scoring (eval_lib) are
+built on those two.
 It also counts its TTFT FLOPs analytically, ours (everything, attention included) and the paper's
 (N x aux cost per token). Names follow report.json: base, aux_only, lp_alone, kvp (and the recomputation /
 pruning methods, which register the same way).
@@ -90,15 +91,3 @@ def greedy(method: Method, tokens_BT, starts_B, max_new_tokens: int, stop_tokens
       break
     logits, state = method.step(jnp.asarray(nxt[:, None]), state)
   return np.stack(out, 1)
-
-
-def teacher_forced_argmax(method: Method, tokens_BT, starts_B, continuation_BC) -> np.ndarray:
-  """[B, C] the method's argmax prediction for each continuation token given the prompt and the gold prefix."""
-  C = continuation_BC.shape[1]
-  T = tokens_BT.shape[1]
-  logits, state = method.prefill(jnp.asarray(tokens_BT), jnp.asarray(starts_B), T + C)
-  preds = [np.asarray(jnp.argmax(logits, -1))]
-  for j in range(C - 1):
-    logits, state = method.step(jnp.asarray(continuation_BC[:, j:j + 1]), state)
-    preds.append(np.asarray(jnp.argmax(logits, -1)))
-  return np.stack(preds, 1)
