@@ -25,18 +25,24 @@ from kvp_jax.predictor import KVPConfig
 KV_REDUCTIONS = ("mean", "sum")
 
 
-def cross_entropy(logits_BTV, targets_BT, z_loss: float = 0.0):
-  """Mean token cross-entropy (float32) plus z_loss * mean(logsumexp^2); returns (total, ce)."""
+def cross_entropy(logits_BTV, targets_BT, z_loss: float = 0.0, weights_BT=None):
+  """Mean token cross-entropy (float32) plus z_loss * mean(logsumexp^2); returns (total, ce).
+
+  weights_BT: optional 0/1 mask (padding and document seams of packed batches are 0); means are over it.
+  """
   logits = logits_BTV.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-  ce = jnp.mean(lse - target_logit)
-  return ce + z_loss * jnp.mean(lse ** 2), ce
+  if weights_BT is None:
+    weights_BT = jnp.ones(targets_BT.shape, jnp.float32)
+  mean = lambda x: jnp.sum(x * weights_BT) / jnp.maximum(jnp.sum(weights_BT), 1.0)
+  ce = mean(lse - target_logit)
+  return ce + z_loss * mean(lse ** 2), ce
 
 
 def lm_loss(cfg: ModelConfig, params: Params, batch, z_loss: float = 1e-4):
   out = model.forward_layers(cfg, params, batch["inputs"])
-  total, ce = cross_entropy(out.logits, batch["targets"], z_loss)
+  total, ce = cross_entropy(out.logits, batch["targets"], z_loss, batch.get("weights"))
   return total, {"loss": total, "ce": ce}
 
 
@@ -86,8 +92,9 @@ def kvp_loss(kcfg: KVPConfig, lcfg: KVPLossConfig, trainable, frozen, base: Para
   teacher = jax.lax.stop_gradient(teacher)
   base_out = model.forward_layers(kcfg.base, base, tokens, pos, kv_override=kv_pred,
                                   attention_mode=lcfg.attention_mode)
-  base_total, ce_base = cross_entropy(base_out.logits, targets, lcfg.z_loss)
-  aux_total, ce_aux = (cross_entropy(aux_out.logits, targets, lcfg.z_loss) if need_aux_logits
+  weights = batch.get("weights")
+  base_total, ce_base = cross_entropy(base_out.logits, targets, lcfg.z_loss, weights)
+  aux_total, ce_aux = (cross_entropy(aux_out.logits, targets, lcfg.z_loss, weights) if need_aux_logits
                        else (jnp.zeros(()), jnp.zeros(())))
   per_layer = jnp.stack([jnp.mean(jnp.abs(pr.k - tr.k)) + jnp.mean(jnp.abs(pr.v - tr.v))
                          for pr, tr in zip(kv_pred, teacher.kv)])

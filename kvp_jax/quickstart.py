@@ -40,10 +40,11 @@ PRESETS = {
         # see kvp_jax/data/qa_synthetic.py for why each exists.
         "data": {"num_qa_docs": 3000, "qa_num_facts": [4, 16], "max_code_files": 120, "qa_questions_per_doc": 6,
                  "qa_distractors": "distinct", "qa_answer_style": "sentence", "qa_recap": True,
-                 "seq_len": 256, "batch_size": 16},
+                 # Whole documents per window: a QA document split at a window edge loses its context.
+                 "packing": "documents", "seq_len": 512, "batch_size": 8},
         "pretrain": {"steps": 500, "lr": 3e-3, "warmup_steps": 30},
         "aux_pretrain": {"steps": 500, "lr": 3e-3, "warmup_steps": 30},
-        "kvp": {"steps": 100, "lr": 1e-3, "warmup_steps": 10, "batch_size": 8},  # also the LP-alone fine-tuning
+        "kvp": {"steps": 100, "lr": 1e-3, "warmup_steps": 10, "batch_size": 4},  # also the LP-alone fine-tuning
         "eval": {"num_qa": 24, "qa_num_facts": [8, 16], "num_code": 32, "code_context_chars": [256, 1024],
                  "qa_max_new_tokens": 24, "code_max_new_tokens": 24, "batch_size": 16, "buckets": None,
                  "kv_error_examples": 8},

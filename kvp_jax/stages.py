@@ -39,6 +39,7 @@ class DataConfig:
   seq_len: int = 256
   batch_size: int = 8
   seed: int = 0
+  packing: str = "documents"  # "documents": no document split unless longer than a window; or "concat"
 
 
 def texts_for(dc: DataConfig) -> list[str]:
@@ -78,7 +79,7 @@ def _check_vocab(cfg: ModelConfig, tok, what: str):
 
 
 def _data_iter(dc: DataConfig, texts, tok):
-  return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed)
+  return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed, packing=dc.packing)
 
 
 def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_keep: tuple[int, ...] | None,

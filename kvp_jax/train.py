@@ -30,6 +30,9 @@ flags.DEFINE_enum("qa_answer_style", "bare", ["bare", "sentence"], "Synthetic QA
 flags.DEFINE_bool("qa_recap", False, "Restate a QA document's facts before its questions (dense copy signal).")
 flags.DEFINE_integer("max_code_files", None, "Cap on stdlib code files in the embedded corpus.")
 flags.DEFINE_integer("seq_len", 256, "Training sequence length (documents are packed).")
+flags.DEFINE_enum("packing", "documents", ["documents", "concat"],
+                  "documents: a document no longer than seq_len+1 stays whole in one window (padding is masked); "
+                  "concat: concatenate and split, documents cross window edges.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size in sequences.")
 flags.DEFINE_string("tokenizer", "train:2048", "pretrain: a tokenizer directory, or train:VOCAB to train one "
                     "into the workdir. kvp uses the base checkpoint's tokenizer.")
@@ -93,8 +96,7 @@ def run():
                            max_code_files=F.max_code_files, qa_questions_per_doc=F.qa_questions_per_doc,
                            qa_distractors=F.qa_distractors, qa_answer_style=F.qa_answer_style,
                            qa_recap=F.qa_recap,
-                           seq_len=F.seq_len,
-                           batch_size=F.batch_size, seed=F.seed)
+                           seq_len=F.seq_len, batch_size=F.batch_size, seed=F.seed, packing=F.packing)
   common = dict(workdir=F.workdir, data=data, steps=F.steps, optim=optim, mesh=mesh, save_every=F.save_every,
                 log_every=F.log_every, seed=F.seed, fail_at_step=F.fail_at_step)
   if F.stage == "pretrain":

@@ -66,6 +66,7 @@ def test_bench_smoke_writes_valid_json(tmp_path):
   try:
     import torch  # noqa: F401
     assert "hf_torch" in methods
+    assert res["torch_matmul_peak_flops_per_s"] > 0
   except ImportError:
     pass
   for r in rows:
@@ -77,6 +78,9 @@ def test_bench_smoke_writes_valid_json(tmp_path):
       assert r["aux"] in ("lp0.5", "c")
     if r["method"] in ("base", "kvp", "kvp_recompute"):
       assert r["tpot_s_median"] > 0
+    if r["method"] == "kvp":
+      assert r["tpot_over_own_paired_median"] > 0
   assert {(r["prompt_len"], r["batch"]) for r in rows} == {(24, 2)}
-  assert set(res["figures"]) >= {"kvp_speedup_over_ideal_min_T_ge_512", "tpot_predicted_over_own_minus_1_max_abs"}
+  assert set(res["figures"]) >= {"kvp_speedup_over_ideal_min_T_ge_512", "tpot_predicted_over_own_minus_1_max_abs",
+                                 "tpot_paired_ratio_minus_1_max_abs"}
   assert out.with_suffix(".png").exists()

@@ -52,6 +52,50 @@ def test_one_epoch_is_the_shuffled_documents_concatenated(tok):
   np.testing.assert_array_equal(np.concatenate([b["targets"] for b in batches]), windows[:, 1:])
 
 
+def _segments(batch, row):
+  """The documents of one packed window, as token lists, read back through the weights mask."""
+  toks = np.concatenate([batch["inputs"][row][:1], batch["targets"][row]])
+  w = np.concatenate([[1.0], batch["weights"][row]])
+  docs, cur = [], [toks[0]]
+  for t, keep in zip(toks[1:], w[1:]):
+    if keep:
+      cur.append(t)
+    else:
+      docs.append(cur)
+      cur = [t]
+  docs.append(cur)
+  return [d for d in docs if len(d) > 1 or d[0] != 0]  # runs of padding (id 0) are dropped
+
+
+def test_document_packing_keeps_documents_whole(tok):
+  seq_len = 40
+  encoded = {tuple([tok.bos_token_id, *tok.encode(d, add_special_tokens=False), tok.eos_token_id]) for d in DOCS}
+  assert max(map(len, encoded)) > seq_len + 1  # some documents must be cut, the rest must not
+  batches = list(pipeline.make_lm_iterator(DOCS, tok, seq_len, batch_size=1, seed=0, num_epochs=1,
+                                           packing="documents"))
+  assert set(batches[0]) == {"inputs", "targets", "weights"} and batches[0]["weights"].dtype == np.float32
+  pieces = [tuple(int(t) for t in d) for b in batches for d in _segments(b, 0)]
+  for doc in encoded:
+    if len(doc) <= seq_len + 1:
+      assert doc in pieces  # whole, in one window
+    else:  # cut into seq_len + 1 pieces, all present, in order
+      chunks = [doc[i:i + seq_len + 1] for i in range(0, len(doc), seq_len + 1)]
+      assert all(c in pieces for c in chunks if len(c) > 1)
+  # (Padding marked as a target would glue zeros onto a document, which then would match nothing above.)
+
+
+def test_document_packing_restore_replays_exactly(tok):
+  it = pipeline.make_lm_iterator(DOCS, tok, 24, 2, seed=3, packing="documents")
+  take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 5)
+  fresh = pipeline.make_lm_iterator(DOCS, tok, 24, 2, seed=3, packing="documents")
+  fresh.set_state(state)
+  assert_same(take(fresh, 5), expected)
+  with pytest.raises(ValueError, match="packing must be one of"):
+    pipeline.make_lm_iterator(DOCS, tok, 24, 2, seed=3, packing="nope")
+
+
 def test_seed_determinism_and_epochs(tok):
   a = take(pipeline.make_lm_iterator(DOCS, tok, 16, 2, seed=1), 4)
   b = take(pipeline.make_lm_iterator(DOCS, tok, 16, 2, seed=1), 4)

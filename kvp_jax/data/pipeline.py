@@ -4,9 +4,10 @@ Shapes: B batch, T sequence length. A batch is {"inputs": int32[B, T], "targets"
 targets[:, t] == inputs[:, t + 1] within each packed window of T + 1 tokens.
 
 Pipeline: texts -> MapDataset.source -> shuffle(seed) -> repeat(num_epochs) (each epoch reshuffled) ->
-tokenize ([bos] + ids + [eos]) -> to_iter_dataset -> ConcatThenSplitIterDataset (grain's concat-then-split
-packing into windows of T + 1, documents cross window edges) -> drop the zero-padded final window of a finite
-run -> split into inputs/targets -> batch(B, drop_remainder=True) -> a pass-through whose set_state works
+tokenize ([bos] + ids + [eos]) -> to_iter_dataset -> packing into windows of T + 1, either
+ConcatThenSplitIterDataset (packing="concat": documents cross window edges; drop the zero-padded final window of
+a finite run) or FirstFitPackIterDataset (packing="documents": whole documents, padding, and a "weights" mask)
+-> split into inputs/targets -> batch(B, drop_remainder=True) -> a pass-through whose set_state works
 around a grain 0.2.18 restore bug (see _JsonStateIterator).
 
 Checkpointing: the returned `grain.DatasetIterator` has get_state()/set_state(); the state is a JSON-able dict
@@ -230,25 +231,67 @@ class _JsonStateDataset(grain.IterDataset):
     return _JsonStateIterator(self._parent.__iter__())
 
 
+class SplitIntoWindows(grain.experimental.FlatMapTransform):
+  """{"tokens": int32[n]} -> pieces of at most `window` tokens, so that packing never has to drop a document."""
+
+  max_fan_out = 1 << 20  # a bound grain asks for; pieces are produced lazily, so a large one costs nothing
+
+  def __init__(self, window: int):
+    self._window = window
+
+  def flat_map(self, x: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    t = x["tokens"]
+    return [{"tokens": t[i:i + self._window]} for i in range(0, len(t), self._window) if len(t[i:i + self._window]) > 1]
+
+
+def _shift_packed(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  t, seg = x["tokens"].astype(np.int32), x["tokens_segment_ids"]
+  # A target counts if it is a real token of the same document as its input (not padding, not the next document).
+  weights = (seg[1:] > 0) & (seg[1:] == seg[:-1])
+  return {"inputs": t[:-1], "targets": t[1:], "weights": weights.astype(np.float32)}
+
+
+PACKINGS = ("concat", "documents")
+SHUFFLE_WINDOW = 512  # pieces shuffled together before document packing
+
+
 def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int,
-                    num_epochs: int | None = None, *, text_field: str = "text",
-                    add_bos: bool = True) -> grain.IterDataset:
-  """The batched grain IterDataset; `make_lm_iterator` is `iter()` of it. num_epochs=None repeats forever."""
+                    num_epochs: int | None = None, *, text_field: str = "text", add_bos: bool = True,
+                    packing: str = "concat") -> grain.IterDataset:
+  """The batched grain IterDataset; `make_lm_iterator` is `iter()` of it. num_epochs=None repeats forever.
+
+  packing="concat": concat-then-split, no padding; documents cross window edges.
+  packing="documents": a document of at most T + 1 tokens always lies whole in one window (longer ones are cut
+    into T + 1 pieces first), windows are filled first-fit and zero-padded, and batches carry "weights"
+    float32[B, T] (1 where the target is a real token of the input's document). Needed when a document's end
+    depends on its start, as in the synthetic QA: split at a window edge, a question loses its context and the
+    model can only learn to guess.
+  """
   texts = load_texts(texts_or_source, text_field) if isinstance(texts_or_source, str) else list(texts_or_source)
   if not texts:
     raise ValueError("no documents to train on")
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+  if packing not in PACKINGS:
+    raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
   ds = grain.MapDataset.source(texts).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(TokenizeDocument(tokenizer, add_bos)).to_iter_dataset()
-  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-  ds = ds.filter(_is_full_window).map(_shift)
+  if packing == "concat":
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+    ds = ds.filter(_is_full_window).map(_shift)
+  else:
+    ds = grain.experimental.FlatMapIterDataset(ds, SplitIntoWindows(seq_len + 1))
+    # A long file gives many pieces in a row; shuffling them among others keeps one file from filling a batch.
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=SHUFFLE_WINDOW, seed=seed)
+    ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct={"tokens": seq_len + 1},
+                                                    num_packing_bins=max(batch_size, 8), seed=seed)
+    ds = ds.map(_shift_packed)
   return _JsonStateDataset(ds.batch(batch_size, drop_remainder=True))
 
 
 def make_lm_iterator(texts_or_source: Sequence[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int,
-                     num_epochs: int | None = None, *, text_field: str = "text",
-                     add_bos: bool = True) -> grain.DatasetIterator:
+                     num_epochs: int | None = None, *, text_field: str = "text", add_bos: bool = True,
+                     packing: str = "concat") -> grain.DatasetIterator:
   """A checkpointable iterator of {"inputs": int32[B, T], "targets": int32[B, T]} batches (see module doc)."""
   return iter(make_lm_dataset(texts_or_source, tokenizer, seq_len, batch_size, seed, num_epochs,
-                              text_field=text_field, add_bos=add_bos))
+                              text_field=text_field, add_bos=add_bos, packing=packing))
