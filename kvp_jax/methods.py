@@ -71,7 +71,7 @@ def kvp_method(kcfg: KVPConfig, base: Params, kp: kvp.KVPParams, aux: str) -> Me
       name="kvp", aux=aux,
       prefill=lambda tokens, starts, max_len: kvp.kvp_prefill(kcfg, base, kp, tokens, starts, max_len),
       step=_model_step(kcfg.base, base),
-      ttft_flops=lambda n: float(flops.kvp_flops(kcfg.base, kcfg.aux, n, in_width=kcfg.in_width)),
+      ttft_flops=lambda n: float(flops.kvp_flops(kcfg.base, kcfg.aux, n, in_width=kcfg.in_width, kind=kcfg.kind)),
       ttft_flops_paper=lambda n: paper_flops(kcfg.aux, n))
 
 

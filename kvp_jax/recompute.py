@@ -177,7 +177,8 @@ def recompute_flops(kcfg: KVPConfig, prompt_len: int, *, num_intervals: int, int
   edges exactly, the other columns (windows, data-dependent) at the mid-prompt context n / 2.
   """
   n, P = prompt_len, prompt_len - 1
-  f = flops.kvp_flops(kcfg.base, kcfg.aux, n, in_width=kcfg.in_width, attention=attention)
+  f = flops.kvp_flops(kcfg.base, kcfg.aux, n, in_width=kcfg.in_width, kind=kcfg.kind,
+                       attention=attention)
   R = budget(n, num_intervals, interval_size, edge_fraction, multiple)
   if R == 0:
     return f
@@ -185,6 +186,8 @@ def recompute_flops(kcfg: KVPConfig, prompt_len: int, *, num_intervals: int, int
   D, F, N, K, H, L = b.hidden_size, b.intermediate_size, b.num_heads, b.num_kv_heads, b.head_dim, b.num_layers
   qkv = 2 * D * (N + 2 * K) * H
   f += R * (L * qkv + (L - 1) * (flops.layer_matmul_flops_per_token(b) - qkv))
+  if num_intervals and interval_size:  # importance reads the last aux layer's queries, which plain KVP skips
+    f += P * 2 * a.hidden_size * a.num_heads * a.head_dim
   if attention:
     if num_intervals and interval_size:  # edges alone need no importance
       f += 2 * a.num_layers * a.num_heads * a.head_dim * (P * (P + 1) // 2 if importance == "column" else P)

@@ -75,7 +75,7 @@ def test_zero_budget_is_plain_kvp_exactly(setup):
   np.testing.assert_array_equal(np.asarray(c.k), np.asarray(ref_c.k))
   np.testing.assert_array_equal(np.asarray(c.v), np.asarray(ref_c.v))
   assert recompute.recompute_flops(kcfg, T, num_intervals=3, interval_size=0, edge_fraction=0.0) == (
-      recompute.flops.kvp_flops(cfg, kcfg.aux, T, in_width=kcfg.in_width))
+      recompute.flops.kvp_flops(cfg, kcfg.aux, T, in_width=kcfg.in_width, kind=kcfg.kind))
 
 
 def test_full_budget_is_base_cache_and_generation(setup):
