@@ -9,6 +9,7 @@ the protocol. Prints a table, writes the JSON and a plot of TTFT against prompt 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -17,6 +18,7 @@ flags.DEFINE_string("output", "bench.json", "Where the JSON goes; the plot goes 
 flags.DEFINE_list("prompt_lens", ["128", "512", "1024", "2048"], "Prompt lengths T.")
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes B.")
 flags.DEFINE_integer("max_tokens_per_batch", 4096, "Skip (T, B) with B * T above this (keeps the run short).")
+flags.DEFINE_list("skip_groups", [], "(B, T) groups not to run, as BxT (e.g. 8x128), to keep the run short.")
 flags.DEFINE_integer("runs", 5, "Timed runs per method (interleaved across methods).")
 flags.DEFINE_integer("warmup", 1, "Untimed calls per method before the timed runs.")
 flags.DEFINE_integer("tpot_steps", 20, "Timed decode steps per cache for TPOT.")
@@ -44,6 +46,13 @@ flags.DEFINE_list("prune_keep", ["0.5"], "random_prune and static_prune rows: ke
 flags.DEFINE_float("static_probe_fraction", 0.25, "static_prune: fraction of layers run on every token.")
 
 FLAGS = flags.FLAGS
+
+
+def _group(g: str) -> tuple[int, int]:
+  b, _, t = g.lower().partition("x")
+  if not (b.isdigit() and t.isdigit()):
+    raise ValueError(f"--skip_groups entries are BATCHxPROMPT_LEN (e.g. 8x128), got {g!r}")
+  return int(b), int(t)
 
 
 def _build_spec():
@@ -81,6 +90,7 @@ def _build_spec():
   return bench_lib.BenchSpec(
       base_cfg=base_cfg, base=base, pairings=pairings, prompt_lens=[int(t) for t in FLAGS.prompt_lens],
       batch_sizes=[int(b) for b in FLAGS.batch_sizes], max_tokens_per_batch=FLAGS.max_tokens_per_batch,
+      skip_groups=tuple(_group(g) for g in FLAGS.skip_groups),
       runs=FLAGS.runs, warmup=FLAGS.warmup, tpot_steps=FLAGS.tpot_steps, matmul_n=FLAGS.matmul_n,
       torch=FLAGS.torch, seed=FLAGS.seed, log=lambda s: print(s, flush=True),
       recompute_budgets=tuple(budgets), recompute_pairing=FLAGS.recompute_aux or None,
@@ -92,7 +102,13 @@ def _build_spec():
 def main(argv):
   del argv
   from kvp_jax import bench_lib
-  result = bench_lib.run(_build_spec())
+  from kvp_jax.hf_checkpoint import CheckpointError
+  try:
+    spec = _build_spec()
+  except (ValueError, CheckpointError, FileNotFoundError) as e:  # bad flags or checkpoints: one line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  result = bench_lib.run(spec)
   out = Path(FLAGS.output)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=1))

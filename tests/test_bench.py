@@ -6,9 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import pytest
 
-from kvp_jax import flops
-from kvp_jax.config import tiny_config
+from kvp_jax import bench_lib, flops, kvp, model
+from kvp_jax import params as P
+from kvp_jax.config import ModelConfig, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = ("method", "aux", "prompt_len", "batch", "ttft_s_median", "ttft_s_min", "ttft_s_max", "flops",
@@ -35,10 +39,46 @@ def test_decode_and_kvp_flops_compose():
           == flops.decode_flops(base, T - 1))
   pred = (T - 1) * 4 * 2 * 2 * aux.kv_width * base.kv_width
   assert flops.predictor_flops(base, aux.kv_width, T - 1) == pred
-  expect = flops.forward_flops(aux, T - 1, logits_positions=0) + pred + flops.decode_flops(base, T - 1)
+  # The aux's last layer contributes only its K/V projections (the rest feeds nothing): one layer of T-1 tokens.
+  last_kv = (T - 1) * 2 * aux.hidden_size * 2 * aux.kv_width
+  expect = last_kv + pred + flops.decode_flops(base, T - 1)
   assert flops.kvp_flops(base, aux, T) == expect
-  assert flops.paper_ttft_flops(aux, T) < flops.kvp_flops(base, aux, T)
-  assert 1 < flops.ideal_kvp_speedup(base, aux, T) < 4
+  two = tiny_config(num_layers=2)
+  assert (flops.aux_prediction_flops(two, T - 1) - flops.aux_prediction_flops(aux, T - 1)
+          == flops.forward_flops(aux, T - 1, logits_positions=0))  # a full layer, attention included
+  # With 2 of the base's 4 layers' width, KVP runs 1 full aux layer + K/V projections: more than 2x, under 4x.
+  assert 2 < flops.ideal_kvp_speedup(base, two, T) < 4
+
+
+def _xla_flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  return float((ca[0] if isinstance(ca, list) else ca)["flops"])
+
+
+@pytest.mark.parametrize("aux", ["lp", "c", "c_activation"])
+def test_analytic_flops_match_xla_cost_analysis(aux):
+  """What we count is what the compiled program does: within 10% of XLA's own count (norms, RoPE and the
+  softmax are XLA's, not ours). Counting the aux's unused last layer would be 70% over for KVP-LP here."""
+  cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                    num_kv_heads=2, head_dim=64)
+  base = P.init(cfg, jax.random.PRNGKey(0))
+  T = 256
+  tokens, starts = jnp.zeros((1, T), jnp.int32), jnp.zeros((1,), jnp.int32)
+  pre = jax.jit(model.prefill, static_argnums=0, static_argnames=("max_len",))
+  assert _xla_flops(pre.lower(cfg, base, tokens, starts, max_len=T).compile()) == pytest.approx(
+      flops.prefill_flops(cfg, T), rel=0.1)
+  small = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=2,
+                      num_kv_heads=2, head_dim=64)
+  pair = (bench_lib.lp_pairing(cfg, base, 0.5, jax.random.PRNGKey(1)) if aux == "lp" else
+          bench_lib.c_pairing(cfg, small, jax.random.PRNGKey(2)))
+  kc, kp = pair.kcfg, pair.kp
+  if aux == "c_activation":
+    from kvp_jax import predictor
+    kc = predictor.KVPConfig(base=cfg, aux=small, kind="activation", layer_map=kc.layer_map)
+    kp = kvp.KVPParams(aux=kp.aux, pred=predictor.init(kc, jax.random.PRNGKey(3), how="random"))
+  compiled = kvp.kvp_prefill.lower(kc, base, kp, tokens, starts, max_len=T).compile()
+  assert _xla_flops(compiled) == pytest.approx(
+      flops.kvp_flops(cfg, kc.aux, T, in_width=kc.in_width, kind=kc.kind), rel=0.1)
 
 
 def test_bench_smoke_writes_valid_json(tmp_path):
@@ -84,3 +124,10 @@ def test_bench_smoke_writes_valid_json(tmp_path):
   assert set(res["figures"]) >= {"kvp_speedup_over_ideal_min_T_ge_512", "tpot_predicted_over_own_minus_1_max_abs",
                                  "tpot_paired_ratio_minus_1_max_abs"}
   assert out.with_suffix(".png").exists()
+
+
+def test_bench_bad_flag_is_one_line():
+  cmd = [sys.executable, "-m", "kvp_jax.bench", "--skip_groups=8y128", "--output=/dev/null"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "error: --skip_groups entries are BATCHxPROMPT_LEN" in proc.stderr and "Traceback" not in proc.stderr
