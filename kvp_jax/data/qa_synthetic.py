@@ -1,7 +1,8 @@
 """Seeded long-context question answering where the answer must be copied out of the context.
 
-A stand-in for TriviaQA/SQuAD that a small model can learn in minutes on CPU, yet that a model unable to
-attend precisely over the whole context must fail:
+A stand-in for TriviaQA/SQuAD that a model unable to attend precisely over the whole context must fail.
+(Learning it needs in-context retrieval, which the quickstart's 1M-parameter models do not acquire in their
+~500-step budget; `launch/probe_recall.py` measures this on a bare synthetic recall task.) Its design:
 - entity names and attributes come from small fixed vocabularies, so they are learnable;
 - values are uniformly random 4-digit numbers, unique within a document, so no prior guesses them;
 - distractors reuse the asked attribute for other people, give the asked person other attributes, and give
