@@ -1,7 +1,7 @@
 """Can a model of this size learn in-context retrieval in N steps? A synthetic probe, no data or tokenizer needed.
 
   python launch/probe_recall.py --task=recall --layers=2 --steps=1000
-  python launch/probe_recall.py --task=copy --layers=2 --steps=1500 --gap=60
+  python launch/probe_recall.py --task=copy --layers=2 --steps=600 --gap=60
 
 Tasks (token ids: 0-2 reserved, 2 = separator):
 - recall: 16 (key, value) pairs, a separator, then 16 queries "key value"; scored on the values (associative
@@ -12,7 +12,7 @@ Tasks (token ids: 0-2 reserved, 2 = separator):
 Trains kvp_jax's own decoder (Llama layout) with the training recipe's AdamW and prints accuracy every 100 steps.
 Measured on 2 CPU cores with the defaults (2 layers, D=128, AdamW 3e-3, vocab 128):
   --task=copy --gap=0 --steps=300      accuracy 0.003 at step 100, 1.000 at step 200 (fixed offset)
-  --task=copy --gap=60 --steps=1000    0.005-0.015 through step 600 (stopped there)
+  --task=copy --gap=60 --steps=600     0.003-0.011 through step 600 (varying offset)
   --task=recall --steps=3000           0.04-0.10 through step 3000 (chance: ~0.06), loss 4.17 -> 3.83
 So retrieval by content is not learned in the quickstart's budget (~500 steps), which is why its QA panels
 read 0 for every method.
