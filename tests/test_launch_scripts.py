@@ -1,4 +1,4 @@
-"""launch/probe_recall.py runs (both tasks, a couple of steps) and its batches score what they claim to."""
+"""launch/probe_recall.py and launch/profile_kvp.py run, and the probe's batches score what they claim to."""
 
 import importlib.util
 import subprocess
@@ -42,3 +42,12 @@ def test_runs(task):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"step 0 loss" in proc.stdout and f"{task} accuracy" in proc.stdout
+
+
+def test_profile_kvp_runs():
+  """launch/profile_kvp.py (the benchmark's 125M base, a short prompt, one run) prints every piece."""
+  proc = subprocess.run([sys.executable, str(ROOT / "launch" / "profile_kvp.py"), "--prompt_len=16", "--runs=1"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for piece in ("lp0.25: aux ", "lp0.25: kvp_prefill", "c: aux+predictor+cache", "base: last-token step"):
+    assert piece in proc.stdout
