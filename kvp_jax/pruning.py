@@ -295,6 +295,18 @@ def _prune_inputs(tokens_BT, starts_B, max_len: int):
   return starts_B, T - starts_B
 
 
+def _keep_top(score_BT, valid_BT, pos_BT, n_B, keep: float):
+  """The ceil(keep * n) best-scoring real tokens of each row, the last token always among them.
+
+  Returns (m_B kept per row, idx_BC, valid_BC, pos_BC) with C = ceil(keep * T) columns (padding has pos -1).
+  """
+  T = score_BT.shape[1]
+  score_BT = jnp.where(valid_BT, score_BT, -jnp.inf).at[:, -1].set(jnp.inf)
+  m_B = jnp.maximum(ceil_fraction(n_B, keep), 1)
+  idx_BC, valid_BC = _select(score_BT, m_B, max(1, ceil_fraction(T, keep)))
+  return m_B, idx_BC, valid_BC, jnp.where(valid_BC, _take(pos_BT, idx_BC), -1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len", "keep", "seed"))
 def random_prune_prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B, max_len: int, *, keep: float,
                          seed: int = 0):
@@ -302,10 +314,7 @@ def random_prune_prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B, 
   T = tokens_BT.shape[1]
   starts_B, n_B = _prune_inputs(tokens_BT, starts_B, max_len)
   _, valid_BT, pos_BT = _prompt_layout(tokens_BT, starts_B)
-  score_BT = jnp.where(valid_BT, _random_scores(seed, pos_BT, tokens_BT), -jnp.inf).at[:, -1].set(jnp.inf)
-  m_B = jnp.maximum(ceil_fraction(n_B, keep), 1)
-  idx_BC, valid_BC = _select(score_BT, m_B, max(1, ceil_fraction(T, keep)))
-  pos_BC = jnp.where(valid_BC, _take(pos_BT, idx_BC), -1)
+  m_B, idx_BC, valid_BC, pos_BC = _keep_top(_random_scores(seed, pos_BT, tokens_BT), valid_BT, pos_BT, n_B, keep)
   x_BCD, ks, vs, _ = _run_layers(cfg, params, 0, cfg.num_layers, params.embed[_take(tokens_BT, idx_BC)], pos_BC,
                                  valid_BC, probe_from=cfg.num_layers)
   return _finish_compact(cfg, params, x_BCD, ks, vs, valid_BC, m_B, T, starts_B, max_len)
@@ -324,10 +333,7 @@ def static_prune_prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B, 
   _, valid_BT, pos_BT = _prompt_layout(tokens_BT, starts_B)
   P = probe_layers(cfg.num_layers, probe_fraction)
   x_BTD, ks, vs, probs_BT = _run_layers(cfg, params, 0, P, params.embed[tokens_BT], pos_BT, valid_BT, probe_from=0)
-  score_BT = jnp.where(valid_BT, probs_BT, -jnp.inf).at[:, -1].set(jnp.inf)
-  m_B = jnp.maximum(ceil_fraction(n_B, keep), 1)
-  idx_BC, valid_BC = _select(score_BT, m_B, max(1, ceil_fraction(T, keep)))
-  pos_BC = jnp.where(valid_BC, _take(pos_BT, idx_BC), -1)
+  m_B, idx_BC, valid_BC, pos_BC = _keep_top(probs_BT, valid_BT, pos_BT, n_B, keep)
   x_BCD, ks2, vs2, _ = _run_layers(cfg, params, P, cfg.num_layers, _take(x_BTD, idx_BC), pos_BC, valid_BC,
                                    probe_from=cfg.num_layers)
   ks = [_take(k, idx_BC) for k in ks] + ks2
