@@ -284,17 +284,26 @@ def recompute_bench_method(pair: Pairing, base: P.Params, tokens, starts, max_le
                 extra, dict(rm.settings))
 
 
+def _base_pruned_method(name: str, prefill, flops_fn, settings: dict, cfg: ModelConfig, params: P.Params, tokens,
+                        starts, max_len: int, **static) -> Method:
+  """A prefill of the base alone on part of the prompt: compiled with its static settings, FLOPs from
+  flops_fn(T, attention=...) per row, and the FLOPs-ideal speed-up over the full prefill."""
+  c, cs = aot_compile(prefill, cfg, params, tokens, starts, max_len=max_len, **static)
+  B, T = tokens.shape
+  f, f0 = B * flops_fn(T, attention=True), B * flops_fn(T, attention=False)
+  return Method(name, None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
+                _speedup_extra(cfg, B, T, f, f0), settings)
+
+
 def lazyllm_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, schedule) -> Method:
   """TTFT of LazyLLM's progressively pruned prefill (`pruning.lazyllm_prefill`; decode not measured)."""
   from kvp_jax import pruning
   schedule = pruning.check_schedule(schedule, cfg.num_layers)
   lm = pruning.lazyllm_method(cfg, params, schedule)
-  c, cs = aot_compile(pruning.lazyllm_prefill, cfg, params, tokens, starts, max_len=max_len, schedule=schedule)
-  B, T = tokens.shape
-  f = B * pruning.lazyllm_flops(cfg, T, schedule)
-  f0 = B * pruning.lazyllm_flops(cfg, T, schedule, attention=False)
-  return Method("lazyllm", None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
-                _speedup_extra(cfg, B, T, f, f0), {"schedule": lm.settings["schedule"]})
+  return _base_pruned_method("lazyllm", pruning.lazyllm_prefill,
+                             lambda T, attention: pruning.lazyllm_flops(cfg, T, schedule, attention=attention),
+                             {"schedule": lm.settings["schedule"]}, cfg, params, tokens, starts, max_len,
+                             schedule=schedule)
 
 
 def random_prune_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, keep: float,
@@ -302,13 +311,9 @@ def random_prune_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts
   """TTFT of the base on a random `keep` fraction of each prompt (`pruning.random_prune_prefill`)."""
   from kvp_jax import pruning
   pm = pruning.random_prune_method(cfg, params, keep, seed)
-  c, cs = aot_compile(pruning.random_prune_prefill, cfg, params, tokens, starts, max_len=max_len, keep=keep,
-                      seed=seed)
-  B, T = tokens.shape
-  f = B * pruning.random_prune_flops(cfg, T, keep)
-  f0 = B * pruning.random_prune_flops(cfg, T, keep, attention=False)
-  return Method("random_prune", None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
-                _speedup_extra(cfg, B, T, f, f0), dict(pm.settings))
+  return _base_pruned_method("random_prune", pruning.random_prune_prefill,
+                             lambda T, attention: pruning.random_prune_flops(cfg, T, keep, attention=attention),
+                             dict(pm.settings), cfg, params, tokens, starts, max_len, keep=keep, seed=seed)
 
 
 def static_prune_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, keep: float,
@@ -316,13 +321,10 @@ def static_prune_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts
   """TTFT of pruning once from the first layers' attention (`pruning.static_prune_prefill`)."""
   from kvp_jax import pruning
   pm = pruning.static_prune_method(cfg, params, keep, probe_fraction)
-  c, cs = aot_compile(pruning.static_prune_prefill, cfg, params, tokens, starts, max_len=max_len, keep=keep,
-                      probe_fraction=probe_fraction)
-  B, T = tokens.shape
-  f = B * pruning.static_prune_flops(cfg, T, keep, probe_fraction)
-  f0 = B * pruning.static_prune_flops(cfg, T, keep, probe_fraction, attention=False)
-  return Method("static_prune", None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
-                _speedup_extra(cfg, B, T, f, f0), dict(pm.settings))
+  return _base_pruned_method(
+      "static_prune", pruning.static_prune_prefill,
+      lambda T, attention: pruning.static_prune_flops(cfg, T, keep, probe_fraction, attention=attention),
+      dict(pm.settings), cfg, params, tokens, starts, max_len, keep=keep, probe_fraction=probe_fraction)
 
 
 def torch_prefill_method(hf_dir, tokens: np.ndarray, base_cfg: ModelConfig) -> Method:
