@@ -241,7 +241,8 @@ class SplitIntoWindows(grain.experimental.FlatMapTransform):
 
   def flat_map(self, x: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     t = x["tokens"]
-    return [{"tokens": t[i:i + self._window]} for i in range(0, len(t), self._window) if len(t[i:i + self._window]) > 1]
+    # Pieces start every `window` tokens; a last piece of a single token holds no (input, target) pair.
+    return [{"tokens": t[i:i + self._window]} for i in range(0, len(t) - 1, self._window)]
 
 
 def _shift_packed(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
