@@ -22,7 +22,7 @@ from kvp_jax import attention, rope
 from kvp_jax import cache as kv_cache
 from kvp_jax.cache import KVCache
 from kvp_jax.config import ModelConfig
-from kvp_jax.layers import rms_norm, swiglu
+from kvp_jax.layers import dense, rms_norm, swiglu
 from kvp_jax.params import LayerParams, Params, lm_head_weight
 
 ATTENTION_MODES = ("causal", "corenet", "aligned")
@@ -49,9 +49,9 @@ def default_positions(tokens_BT):
 
 def project_qkv(cfg: ModelConfig, lp: LayerParams, h_BTD):
   """q [B,T,N,H], k [B,T,K,H] (before key norm and RoPE), v [B,T,K,H] from the normalised input."""
-  q = jnp.einsum("BTD,DNH->BTNH", h_BTD, lp.wq)
-  k = jnp.einsum("BTD,DKH->BTKH", h_BTD, lp.wk)
-  v = jnp.einsum("BTD,DKH->BTKH", h_BTD, lp.wv)
+  q = dense(h_BTD, lp.wq)
+  k = dense(h_BTD, lp.wk)
+  v = dense(h_BTD, lp.wv)
   if lp.bq is not None:
     q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
   return q, k, v
@@ -64,7 +64,7 @@ def rotate_queries(cfg: ModelConfig, lp: LayerParams, q_BTNH, positions_BT):
 
 
 def attn_out_and_mlp(cfg: ModelConfig, lp: LayerParams, x_BTD, o_BTNH):
-  x = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lp.wo)
+  x = x_BTD + dense(o_BTNH, lp.wo, n_in=2)
   return x + swiglu(rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps), lp.w_gate, lp.w_up, lp.w_down)
 
 
@@ -74,7 +74,7 @@ def _bkth(x_BTKH):
 
 def lm_logits(cfg: ModelConfig, params: Params, x_BTD):
   h = rms_norm(x_BTD, params.final_norm, cfg.rms_norm_eps)
-  return jnp.einsum("...D,DV->...V", h, lm_head_weight(params), preferred_element_type=jnp.float32)
+  return dense(h, lm_head_weight(params), preferred_element_type=jnp.float32)
 
 
 def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None, *,
