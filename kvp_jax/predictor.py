@@ -96,9 +96,14 @@ def aux_features(kcfg: KVPConfig, aux_out: ForwardOut):
 def predict(kcfg: KVPConfig, pp: PredictorParams, aux_out: ForwardOut) -> tuple[LayerKV, ...]:
   """Predicted base K (pre-RoPE, pre-key-norm) and V per base layer, each [B, T, K_b, H_b]."""
   fk, fv = aux_features(kcfg, aux_out)
-  k = jnp.einsum("LBTI,LIO->LBTO", fk, pp.wk.astype(fk.dtype)) + pp.bk[:, None, None].astype(fk.dtype)
-  v = jnp.einsum("LBTI,LIO->LBTO", fv, pp.wv.astype(fv.dtype)) + pp.bv[:, None, None].astype(fv.dtype)
-  shape = (*k.shape[1:3], kcfg.base.num_kv_heads, kcfg.base.head_dim)
+  L, B, T, I = fk.shape
+  # B and T flattened into one row axis M: one contraction axis, so the weight gradient ("LMI,LMO->LIO") is a
+  # plain batched matmul on XLA:CPU (see kvp_jax/layers.py, `dense`).
+  proj = lambda f, w, b: (jnp.einsum("LMI,LIO->LMO", f.reshape(L, B * T, I), w.astype(f.dtype))
+                          + b[:, None].astype(f.dtype))
+  k = proj(fk, pp.wk, pp.bk)
+  v = proj(fv, pp.wv, pp.bv)
+  shape = (B, T, kcfg.base.num_kv_heads, kcfg.base.head_dim)
   return tuple(LayerKV(k[i].reshape(shape), v[i].reshape(shape)) for i in range(kcfg.base.num_layers))
 
 
