@@ -36,6 +36,7 @@ class DataConfig:
   qa_distractors: str = "shared"  # difficulty of the synthetic QA: "shared" (hard) or "distinct" (easy)
   qa_answer_style: str = "bare"  # "bare" value or a restating "sentence" (see data/qa_synthetic.py)
   qa_recap: bool = False  # restate the facts before the questions: a dense copying signal
+  qa_context_loss: bool = True  # False: a QA document's loss starts at its recap/questions (qa_synthetic.loss_start)
   seq_len: int = 256
   batch_size: int = 8
   seed: int = 0
@@ -79,7 +80,15 @@ def _check_vocab(cfg: ModelConfig, tok, what: str):
 
 
 def _data_iter(dc: DataConfig, texts, tok):
-  return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed, packing=dc.packing)
+  starts = None
+  if not dc.qa_context_loss:
+    from kvp_jax.data import qa_synthetic
+    starts = {t: s for t in texts if (s := qa_synthetic.loss_start(t)) is not None}
+    if not starts:
+      raise ValueError("qa_context_loss=False, but no document is a synthetic QA document; it applies to "
+                       "--data=embedded only")
+  return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed, packing=dc.packing,
+                                   loss_starts=starts)
 
 
 def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_keep: tuple[int, ...] | None,

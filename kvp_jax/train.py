@@ -28,6 +28,8 @@ flags.DEFINE_enum("qa_distractors", "shared", ["shared", "distinct"], "Synthetic
 flags.DEFINE_enum("qa_answer_style", "bare", ["bare", "sentence"], "Synthetic QA answers: the bare value, or "
                   "a sentence restating the needed fact(s) before it.")
 flags.DEFINE_bool("qa_recap", False, "Restate a QA document's facts before its questions (dense copy signal).")
+flags.DEFINE_bool("qa_context_loss", True, "Train on a synthetic QA document's context tokens too; false: its loss "
+                  "starts at the recap/questions (the context is random; its loss only adds noise).")
 flags.DEFINE_integer("max_code_files", None, "Cap on stdlib code files in the embedded corpus.")
 flags.DEFINE_integer("seq_len", 256, "Training sequence length (documents are packed).")
 flags.DEFINE_enum("packing", "documents", ["documents", "concat"],
@@ -95,7 +97,7 @@ def run():
   data = stages.DataConfig(source=F.data, num_qa_docs=F.num_qa_docs, qa_num_facts=_ints(F.qa_num_facts),
                            max_code_files=F.max_code_files, qa_questions_per_doc=F.qa_questions_per_doc,
                            qa_distractors=F.qa_distractors, qa_answer_style=F.qa_answer_style,
-                           qa_recap=F.qa_recap,
+                           qa_recap=F.qa_recap, qa_context_loss=F.qa_context_loss,
                            seq_len=F.seq_len, batch_size=F.batch_size, seed=F.seed, packing=F.packing)
   common = dict(workdir=F.workdir, data=data, steps=F.steps, optim=optim, mesh=mesh, save_every=F.save_every,
                 log_every=F.log_every, seed=F.seed, fail_at_step=F.fail_at_step)

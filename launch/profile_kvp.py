@@ -6,6 +6,11 @@ Times (medians of interleaved runs, order rotating) each prefix of `kvp.kvp_pref
 KVP runs it (XLA drops the last layer's unused output), + the predictor, + building the base cache (key norm,
 RoPE, layout), the whole of kvp_prefill, and the base's last-token step alone. The differences are what each
 piece costs; compare them with their FLOPs (kvp_jax/flops.py) to see which are memory-bound.
+
+Memory roofline, in the same interleaved rounds: a jitted `x + 1` over a float32 array as large as the base's
+weights (one read and one write of each byte) gives this machine's streaming bandwidth; the base's last-token
+step must read every weight but the embedding table once, and the cache, so bytes read / its time is its
+bandwidth. When the two are close, the step is bound by memory: no kernel work makes it faster at this batch.
 """
 
 import jax
@@ -54,9 +59,20 @@ def main(argv):
   c = kvp.predict_cache(pairs[0].kcfg, base, pairs[0].kp, prompt, starts, max_len)
   step = jax.jit(lambda b, t, c: model.forward(base_cfg, b, t, None, c, all_logits=False))
   calls["base: last-token step"] = lambda: step(base, tokens[:, -1:], c)
+  weight_bytes = P.count(base) * 4
+  stream = jnp.ones((weight_bytes // 4,), jnp.float32)
+  add_one = jax.jit(lambda x: x + 1)
+  calls["memory: x + 1 over weight bytes"] = lambda: add_one(stream)
   times = bench_lib.time_interleaved(calls, F.runs, 1)
   for k, v in times.items():
     print(f"{k:32s} {np.median(v) * 1e3:8.1f} ms")
+  # Every weight but the embedding table (one row of it), and the whole cache, read once.
+  step_bytes = (P.count(base) - base.embed.size) * 4 + (c.k.size + c.v.size) * 4
+  stream_bw = 2 * weight_bytes / np.median(times["memory: x + 1 over weight bytes"])
+  step_bw = step_bytes / np.median(times["base: last-token step"])
+  print(f"streaming bandwidth (x + 1: read + write) {stream_bw / 1e9:6.1f} GB/s")
+  print(f"base last-token step reads {step_bytes / 1e6:.0f} MB: {step_bw / 1e9:6.1f} GB/s "
+        f"({step_bw / stream_bw:.2f} of streaming)")
 
 
 if __name__ == "__main__":

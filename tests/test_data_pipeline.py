@@ -202,3 +202,43 @@ def test_orbax_checkpoint_manager_round_trip(tok, tmp_path):
   mngr.restore(0, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   assert_same(take(fresh, 5), expected)
   mngr.close()
+
+
+def _qa_docs_and_tok():
+  from kvp_jax.data import qa_synthetic
+  docs = qa_synthetic.training_documents(6, seed=5, num_facts_range=(4, 6), questions_per_doc=2,
+                                         distractors="distinct", answer_style="sentence", recap=True)
+  return docs, tokenizer_lib.train_tokenizer(docs * 2 + DOCS, vocab_size=400)
+
+
+@pytest.mark.parametrize("packing", ["documents", "concat"])
+def test_loss_starts_weigh_only_what_follows_each_offset(packing):
+  """Targets before a document's offset weigh 0, every later target 1, and documents without one weigh all."""
+  from kvp_jax.data import qa_synthetic
+  docs, tok = _qa_docs_and_tok()
+  starts = {d: qa_synthetic.loss_start(d) for d in docs}
+  texts = docs + DOCS
+  # Two epochs: concat packing drops the last partial window, which may hold the end of one epoch.
+  batches = list(pipeline.make_lm_iterator(texts, tok, 256, 1, seed=0, num_epochs=2, packing=packing,
+                                           loss_starts=starts))
+  weighted = "".join(tok.decode(b["targets"][0][b["weights"][0] > 0]) for b in batches)
+  unweighted = "".join(tok.decode(b["targets"][0][b["weights"][0] == 0]) for b in batches)
+  for d in docs:
+    context, rest = d[:starts[d]], d[starts[d]:]
+    assert rest.split("\nQuestion: ")[1].split("\n")[0] in weighted  # its questions are trained on
+    assert context.split("\n")[0] in unweighted  # its context is not
+  assert "document" not in unweighted and "Recap:" not in unweighted  # plain documents: every target counts
+  if packing == "documents":  # (concat: a window's first token is no target, so a document may lose one)
+    assert all(d in weighted for d in DOCS)
+
+
+def test_loss_start_recognises_only_synthetic_qa_documents():
+  from kvp_jax.data import code_corpus, qa_synthetic
+  docs, _ = _qa_docs_and_tok()
+  for d in docs:
+    s = qa_synthetic.loss_start(d)
+    assert s is not None and d[s:].startswith("\nRecap:\n")
+  plain = qa_synthetic.training_documents(2, seed=1, num_facts_range=(4, 6))[0]
+  assert plain[qa_synthetic.loss_start(plain):].startswith("\nQuestion: ")
+  assert all(qa_synthetic.loss_start(c) is None for c in code_corpus.code_documents("train", 5))
+  assert qa_synthetic.loss_start("Some notes.\nQuestion: What is x?\nAnswer: 1") is None

@@ -36,9 +36,9 @@ def test_batches_mark_exactly_the_retrievable_targets():
     assert sep >= 4 + 24
 
 
-@pytest.mark.parametrize("task", ["recall", "copy"])
-def test_runs(task):
-  proc = subprocess.run([sys.executable, str(SCRIPT), f"--task={task}", "--steps=1"], cwd=ROOT,
+@pytest.mark.parametrize("task,loss", [("recall", "all"), ("copy", "scored")])
+def test_runs(task, loss):
+  proc = subprocess.run([sys.executable, str(SCRIPT), f"--task={task}", f"--loss={loss}", "--steps=1"], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"step 0 loss" in proc.stdout and f"{task} accuracy" in proc.stdout
@@ -49,5 +49,6 @@ def test_profile_kvp_runs():
   proc = subprocess.run([sys.executable, str(ROOT / "launch" / "profile_kvp.py"), "--prompt_len=16", "--runs=1"],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  for piece in ("lp0.25: aux ", "lp0.25: kvp_prefill", "c: aux+predictor+cache", "base: last-token step"):
+  for piece in ("lp0.25: aux ", "lp0.25: kvp_prefill", "c: aux+predictor+cache", "base: last-token step",
+                "streaming bandwidth", "of streaming)"):
     assert piece in proc.stdout

@@ -31,7 +31,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,9 +173,13 @@ def mixed_pretraining_texts(num_qa_docs: int = 2000, seed: int = 0, max_code_fil
 # Pipeline
 
 class TokenizeDocument(grain.transforms.Map):
-  """text -> {"tokens": int32[n]} = [bos] + ids + [eos]. A class, not a closure, so it pickles for worker processes."""
+  """text -> {"tokens": int32[n]} = [bos] + ids + [eos]. A class, not a closure, so it pickles for worker processes.
 
-  def __init__(self, tokenizer, add_bos: bool = True):
+  loss_starts: {text: character offset}; when given, every document also gets "loss": int32[n], 1 for the tokens
+  that count as targets: those starting at or after its offset (every token of a text not in the mapping).
+  """
+
+  def __init__(self, tokenizer, add_bos: bool = True, loss_starts: Mapping[str, int] | None = None):
     if tokenizer.eos_token_id is None:
       raise ValueError("the tokenizer has no eos token; the pipeline separates documents with it")
     if add_bos and tokenizer.bos_token_id is None:
@@ -183,10 +187,17 @@ class TokenizeDocument(grain.transforms.Map):
     self._tokenizer = tokenizer
     self._prefix = [tokenizer.bos_token_id] if add_bos else []
     self._eos = tokenizer.eos_token_id
+    self._loss_starts = loss_starts
 
   def map(self, text: str) -> dict[str, np.ndarray]:
-    ids = self._tokenizer.encode(text, add_special_tokens=False)
-    return {"tokens": np.asarray(self._prefix + ids + [self._eos], dtype=np.int32)}
+    if self._loss_starts is None:
+      ids = self._tokenizer.encode(text, add_special_tokens=False)
+      return {"tokens": np.asarray(self._prefix + ids + [self._eos], dtype=np.int32)}
+    enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = self._loss_starts.get(text, 0)
+    counts = [int(s >= start) for s, _ in enc["offset_mapping"]]
+    return {"tokens": np.asarray(self._prefix + enc["input_ids"] + [self._eos], dtype=np.int32),
+            "loss": np.asarray([0] * len(self._prefix) + counts + [1], dtype=np.int32)}
 
 
 def _is_full_window(x: dict[str, np.ndarray]) -> bool:
@@ -196,7 +207,10 @@ def _is_full_window(x: dict[str, np.ndarray]) -> bool:
 
 def _shift(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   t = x["tokens"].astype(np.int32)
-  return {"inputs": t[:-1], "targets": t[1:]}
+  out = {"inputs": t[:-1], "targets": t[1:]}
+  if "loss" in x:
+    out["weights"] = x["loss"][1:].astype(np.float32)
+  return out
 
 
 def _slices_as_tuples(state: Any) -> Any:
@@ -240,15 +254,17 @@ class SplitIntoWindows(grain.experimental.FlatMapTransform):
     self._window = window
 
   def flat_map(self, x: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    t = x["tokens"]
+    n = len(x["tokens"])
     # Pieces start every `window` tokens; a last piece of a single token holds no (input, target) pair.
-    return [{"tokens": t[i:i + self._window]} for i in range(0, len(t) - 1, self._window)]
+    return [{k: v[i:i + self._window] for k, v in x.items()} for i in range(0, n - 1, self._window)]
 
 
 def _shift_packed(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   t, seg = x["tokens"].astype(np.int32), x["tokens_segment_ids"]
   # A target counts if it is a real token of the same document as its input (not padding, not the next document).
   weights = (seg[1:] > 0) & (seg[1:] == seg[:-1])
+  if "loss" in x:
+    weights &= x["loss"][1:] > 0
   return {"inputs": t[:-1], "targets": t[1:], "weights": weights.astype(np.float32)}
 
 
@@ -258,8 +274,12 @@ SHUFFLE_WINDOW = 512  # pieces shuffled together before document packing
 
 def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int,
                     num_epochs: int | None = None, *, text_field: str = "text", add_bos: bool = True,
-                    packing: str = "concat") -> grain.IterDataset:
+                    packing: str = "concat", loss_starts: Mapping[str, int] | None = None) -> grain.IterDataset:
   """The batched grain IterDataset; `make_lm_iterator` is `iter()` of it. num_epochs=None repeats forever.
+
+  loss_starts: {text: character offset} of documents whose loss starts late (e.g. a QA document's questions,
+    not its randomly drawn context: qa_synthetic.loss_start); batches then carry "weights" with either packing,
+    0 for targets before a document's offset.
 
   packing="concat": concat-then-split, no padding; documents cross window edges.
   packing="documents": a document of at most T + 1 tokens always lies whole in one window (longer ones are cut
@@ -276,15 +296,16 @@ def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: in
   if packing not in PACKINGS:
     raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
   ds = grain.MapDataset.source(texts).shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.map(TokenizeDocument(tokenizer, add_bos)).to_iter_dataset()
+  ds = ds.map(TokenizeDocument(tokenizer, add_bos, loss_starts)).to_iter_dataset()
+  lengths = {"tokens": seq_len + 1} | ({} if loss_starts is None else {"loss": seq_len + 1})
   if packing == "concat":
-    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
     ds = ds.filter(_is_full_window).map(_shift)
   else:
     ds = grain.experimental.FlatMapIterDataset(ds, SplitIntoWindows(seq_len + 1))
     # A long file gives many pieces in a row; shuffling them among others keeps one file from filling a batch.
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=SHUFFLE_WINDOW, seed=seed)
-    ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct={"tokens": seq_len + 1},
+    ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths,
                                                     num_packing_bins=max(batch_size, 8), seed=seed)
     ds = ds.map(_shift_packed)
   return _JsonStateDataset(ds.batch(batch_size, drop_remainder=True))
@@ -292,7 +313,8 @@ def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: in
 
 def make_lm_iterator(texts_or_source: Sequence[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int,
                      num_epochs: int | None = None, *, text_field: str = "text", add_bos: bool = True,
-                     packing: str = "concat") -> grain.DatasetIterator:
+                     packing: str = "concat", loss_starts: Mapping[str, int] | None = None
+                     ) -> grain.DatasetIterator:
   """A checkpointable iterator of {"inputs": int32[B, T], "targets": int32[B, T]} batches (see module doc)."""
   return iter(make_lm_dataset(texts_or_source, tokenizer, seq_len, batch_size, seed, num_epochs,
-                              text_field=text_field, add_bos=add_bos, packing=packing))
+                              text_field=text_field, add_bos=add_bos, packing=packing, loss_starts=loss_starts))
