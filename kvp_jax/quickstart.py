@@ -25,7 +25,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-# Plain settings per preset; "default" runs in ~14 minutes on 2 CPU cores (README "Figures measured here"),
+# Plain settings per preset; "default" runs in ~15 minutes on 2 CPU cores (README "Figures measured here"),
 # "smoke" runs the same code path in about a minute with meaningless figures.
 PRESETS = {
     "default": {

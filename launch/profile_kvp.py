@@ -1,6 +1,6 @@
-"""Where KV Prediction's TTFT goes, piece by piece, for the benchmark's KVP-LP-0.25 and KVP-C at B=1.
+"""Where KV Prediction's TTFT goes, piece by piece, for the benchmark's KVP-LP-0.25 and KVP-C.
 
-  python launch/profile_kvp.py --prompt_len=1024
+  python launch/profile_kvp.py --prompt_len=1024 [--batch=8]
 
 Times (medians of interleaved runs, order rotating) each prefix of `kvp.kvp_prefill`: the aux forward pass as
 KVP runs it (XLA drops the last layer's unused output), + the predictor, + building the base cache (key norm,
@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from kvp_jax import bench_lib, kvp, model, predictor
+from kvp_jax import bench_lib, flops, kvp, model, predictor
 from kvp_jax import params as P
 from kvp_jax.config import ModelConfig
 
 flags.DEFINE_integer("prompt_len", 1024, "Prompt length T.")
 flags.DEFINE_integer("runs", 7, "Timed runs per piece.")
+flags.DEFINE_integer("batch", 1, "Batch size B.")
 F = flags.FLAGS
 BASE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_layers": 12, "num_heads": 12,
         "num_kv_heads": 4, "head_dim": 64}  # configs/bench_cpu.flags
@@ -40,8 +41,9 @@ def main(argv):
            bench_lib.c_pairing(base_cfg, ModelConfig(**C_AUX), jax.random.fold_in(key, 2))]
   T = F.prompt_len
   max_len = T + 1
-  tokens = jax.random.randint(key, (1, T), 0, base_cfg.vocab_size)
-  starts = jnp.zeros((1,), jnp.int32)
+  B = F.batch
+  tokens = jax.random.randint(key, (B, T), 0, base_cfg.vocab_size)
+  starts = jnp.zeros((B,), jnp.int32)
   prompt = tokens[:, :-1]
   calls = {}
   for pr in pairs:
@@ -63,9 +65,31 @@ def main(argv):
   stream = jnp.ones((weight_bytes // 4,), jnp.float32)
   add_one = jax.jit(lambda x: x + 1)
   calls["memory: x + 1 over weight bytes"] = lambda: add_one(stream)
+  mm, mm_flops, _ = bench_lib.matmul_call(2048)
+  calls["matmul 2048^3"] = mm
+  prefill = jax.jit(lambda b, t: model.prefill(base_cfg, b, t, starts, max_len)[0])
+  calls["base: prefill"] = lambda: prefill(base, tokens)
   times = bench_lib.time_interleaved(calls, F.runs, 1)
-  for k, v in times.items():
-    print(f"{k:32s} {np.median(v) * 1e3:8.1f} ms")
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  for k, v in med.items():
+    print(f"{k:32s} {v * 1e3:8.1f} ms")
+  peak = mm_flops / med["matmul 2048^3"]
+  print(f"\nmatmul peak {peak / 1e9:.0f} GFLOP/s. Each piece (a difference of the prefixes above), its FLOPs, and "
+        "its time over the time those FLOPs take at the peak:")
+  pieces = [("base: prefill", med["base: prefill"], flops.prefill_flops(base_cfg, T, batch=B))]
+  for pr in pairs:
+    kc, n = pr.kcfg, f"{pr.name}: "
+    aux_f = flops.aux_prediction_flops(kc.aux, T - 1, kind=kc.kind, batch=B)
+    pred_f = flops.predictor_flops(base_cfg, kc.in_width, T - 1, batch=B)
+    pieces += [(n + "aux", med[n + "aux"], aux_f),
+               (n + "predictor", med[n + "aux+predictor"] - med[n + "aux"], pred_f),
+               (n + "cache build", med[n + "aux+predictor+cache"] - med[n + "aux+predictor"], 0),
+               (n + "base step (in kvp)", med[n + "kvp_prefill"] - med[n + "aux+predictor+cache"],
+                flops.decode_flops(base_cfg, T - 1, batch=B)),
+               (n + "kvp_prefill", med[n + "kvp_prefill"],
+                flops.kvp_flops(base_cfg, kc.aux, T, in_width=kc.in_width, kind=kc.kind, batch=B))]
+  for name, t, f in pieces:
+    print(f"  {name:28s} {t * 1e3:8.1f} ms {f / 1e9:8.2f} GFLOP  x{t / (f / peak) if f else float('inf'):6.2f}")
   # Every weight but the embedding table (one row of it), and the whole cache, read once.
   step_bytes = (P.count(base) - base.embed.size) * 4 + (c.k.size + c.v.size) * 4
   stream_bw = 2 * weight_bytes / np.median(times["memory: x + 1 over weight bytes"])
