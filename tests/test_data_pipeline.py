@@ -242,3 +242,13 @@ def test_loss_start_recognises_only_synthetic_qa_documents():
   assert plain[qa_synthetic.loss_start(plain):].startswith("\nQuestion: ")
   assert all(qa_synthetic.loss_start(c) is None for c in code_corpus.code_documents("train", 5))
   assert qa_synthetic.loss_start("Some notes.\nQuestion: What is x?\nAnswer: 1") is None
+
+
+def test_qa_context_loss_off_needs_synthetic_qa_documents(tok):
+  from kvp_jax import stages
+  with pytest.raises(ValueError, match="no document is a synthetic QA document"):
+    stages._data_iter(stages.DataConfig(source="some/dir", qa_context_loss=False, seq_len=16, batch_size=2), DOCS,
+                      tok)
+  docs, qa_tok = _qa_docs_and_tok()
+  it = stages._data_iter(stages.DataConfig(qa_context_loss=False, seq_len=256, batch_size=1), docs, qa_tok)
+  assert set(next(it)) == {"inputs", "targets", "weights"}
