@@ -2,7 +2,7 @@
 
 Shape legend (used in names and einsum strings across kvp_jax):
   B batch, T query length, S key/cache length, D model width, F MLP width, N query heads, K kv heads,
-  G query groups per kv head (N = K * G), H head dim, V vocab, L layers, M rows (B * T flattened).
+  G query groups per kv head (N = K * G), H head dim, V vocab, L layers.
 """
 
 from __future__ import annotations

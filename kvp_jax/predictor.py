@@ -5,7 +5,8 @@ Kinds
 - "activation": from the normalised residual stream entering aux layer m(i), the input of its q/k/v
   projections: [B, T, D_a] -> [B, T, K_b*H_b] for K and for V (kvfun's "Cache Me If You Can").
 Predicted keys are *pre-RoPE and pre-key-norm*; the base applies both at the true positions
-(`cache.keys_to_cache`). Weights are stacked over base layers so all L_B maps run as one batched matmul.
+(`cache.keys_to_cache`). Weights are stored stacked over base layers, [L_B, I, O]; `predict` runs one matmul
+per aux layer, for all the base layers that aux layer feeds.
 Shape legend: see kvp_jax/config.py; I predictor input width, O = K_b * H_b.
 """
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kvp_jax.config import ModelConfig
+from kvp_jax.layers import dense
 from kvp_jax.model import ForwardOut, LayerKV
 
 KINDS = ("kv", "activation")
@@ -81,30 +83,37 @@ def init(kcfg: KVPConfig, key, dtype=jnp.float32, how: str = "identity") -> Pred
   return PredictorParams(wk=jnp.array(wk), bk=zeros, wv=jnp.array(wv), bv=jnp.array(zeros))
 
 
-def aux_features(kcfg: KVPConfig, aux_out: ForwardOut):
-  """Stacked inputs for the K and V maps of every base layer: two [L_B, B, T, I] arrays."""
-  m = kcfg.layer_map
+def aux_features(kcfg: KVPConfig, aux_out: ForwardOut, j: int):
+  """Aux layer j's inputs for the K and V maps: two [B, T, I] arrays (its flattened K and V, or its
+  normalised input twice)."""
   if kcfg.kind == "kv":
     flat = lambda x: x.reshape(*x.shape[:2], -1)
-    fk = jnp.stack([flat(aux_out.kv[j].k) for j in m])
-    fv = jnp.stack([flat(aux_out.kv[j].v) for j in m])
-    return fk, fv
-  x = jnp.stack([aux_out.inputs[j] for j in m])
-  return x, x
+    return flat(aux_out.kv[j].k), flat(aux_out.kv[j].v)
+  return aux_out.inputs[j], aux_out.inputs[j]
 
 
 def predict(kcfg: KVPConfig, pp: PredictorParams, aux_out: ForwardOut) -> tuple[LayerKV, ...]:
-  """Predicted base K (pre-RoPE, pre-key-norm) and V per base layer, each [B, T, K_b, H_b]."""
-  fk, fv = aux_features(kcfg, aux_out)
-  L, B, T, I = fk.shape
-  # B and T flattened into one row axis M: one contraction axis, so the weight gradient ("LMI,LMO->LIO") is a
-  # plain batched matmul on XLA:CPU (see kvp_jax/layers.py, `dense`).
-  proj = lambda f, w, b: (jnp.einsum("LMI,LIO->LMO", f.reshape(L, B * T, I), w.astype(f.dtype))
-                          + b[:, None].astype(f.dtype))
-  k = proj(fk, pp.wk, pp.bk)
-  v = proj(fv, pp.wv, pp.bv)
-  shape = (B, T, kcfg.base.num_kv_heads, kcfg.base.head_dim)
-  return tuple(LayerKV(k[i].reshape(shape), v[i].reshape(shape)) for i in range(kcfg.base.num_layers))
+  """Predicted base K (pre-RoPE, pre-key-norm) and V per base layer, each [B, T, K_b, H_b].
+
+  Per aux layer j, one matmul maps its features for every base layer it feeds (their [I, O] maps side by
+  side, [I, n_j * O]): no copy of the aux K/V per base layer, and fewer, wider matmuls.
+  """
+  m = kcfg.layer_map
+  shape = (kcfg.base.num_kv_heads, kcfg.base.head_dim)
+  out: list[LayerKV | None] = [None] * len(m)
+  for j in sorted(set(m)):
+    idx = [i for i, a in enumerate(m) if a == j]
+    fk, fv = aux_features(kcfg, aux_out, j)
+
+    def project(f, w_LIO, b_LO):
+      w = jnp.concatenate([w_LIO[i] for i in idx], axis=1).astype(f.dtype)  # [I, n_j * O]
+      b = jnp.concatenate([b_LO[i] for i in idx]).astype(f.dtype)
+      y = dense(f, w) + b  # [B, T, n_j * O]
+      return jnp.split(y, len(idx), axis=-1)
+
+    for i, k, v in zip(idx, project(fk, pp.wk, pp.bk), project(fv, pp.wv, pp.bv)):
+      out[i] = LayerKV(k.reshape(*k.shape[:2], *shape), v.reshape(*v.shape[:2], *shape))
+  return tuple(out)
 
 
 def collect_flags(kind: str) -> dict:

@@ -50,5 +50,5 @@ def test_profile_kvp_runs():
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   for piece in ("lp0.25: aux ", "lp0.25: kvp_prefill", "c: aux+predictor+cache", "base: last-token step",
-                "streaming bandwidth", "of streaming)"):
+                "read bandwidth", "of the read bandwidth)"):
     assert piece in proc.stdout
