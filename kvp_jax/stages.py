@@ -80,15 +80,15 @@ def _check_vocab(cfg: ModelConfig, tok, what: str):
 
 
 def _data_iter(dc: DataConfig, texts, tok):
-  starts = None
+  loss_start = None
   if not dc.qa_context_loss:
     from kvp_jax.data import qa_synthetic
-    starts = {t: s for t in texts if (s := qa_synthetic.loss_start(t)) is not None}
-    if not starts:
+    if not any(qa_synthetic.loss_start(t) is not None for t in texts):
       raise ValueError("qa_context_loss=False, but no document is a synthetic QA document; it applies to "
                        "--data=embedded only")
+    loss_start = qa_synthetic.loss_start
   return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed, packing=dc.packing,
-                                   loss_starts=starts)
+                                   loss_start=loss_start)
 
 
 def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_keep: tuple[int, ...] | None,

@@ -212,7 +212,7 @@ def _qa_docs_and_tok():
 
 
 @pytest.mark.parametrize("packing", ["documents", "concat"])
-def test_loss_starts_weigh_only_what_follows_each_offset(packing):
+def test_loss_start_weighs_only_what_follows_each_offset(packing):
   """Targets before a document's offset weigh 0, every later target 1, and documents without one weigh all."""
   from kvp_jax.data import qa_synthetic
   docs, tok = _qa_docs_and_tok()
@@ -220,7 +220,7 @@ def test_loss_starts_weigh_only_what_follows_each_offset(packing):
   texts = docs + DOCS
   # Two epochs: concat packing drops the last partial window, which may hold the end of one epoch.
   batches = list(pipeline.make_lm_iterator(texts, tok, 256, 1, seed=0, num_epochs=2, packing=packing,
-                                           loss_starts=starts))
+                                           loss_start=qa_synthetic.loss_start))
   weighted = "".join(tok.decode(b["targets"][0][b["weights"][0] > 0]) for b in batches)
   unweighted = "".join(tok.decode(b["targets"][0][b["weights"][0] == 0]) for b in batches)
   for d in docs:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,11 +175,11 @@ def mixed_pretraining_texts(num_qa_docs: int = 2000, seed: int = 0, max_code_fil
 class TokenizeDocument(grain.transforms.Map):
   """text -> {"tokens": int32[n]} = [bos] + ids + [eos]. A class, not a closure, so it pickles for worker processes.
 
-  loss_starts: {text: character offset}; when given, every document also gets "loss": int32[n], 1 for the tokens
-  that count as targets: those starting at or after its offset (every token of a text not in the mapping).
+  loss_start: text -> character offset or None; when given, every document also gets "loss": int32[n], 1 for
+  the tokens that count as targets: those starting at or after its offset (every token where it gives None).
   """
 
-  def __init__(self, tokenizer, add_bos: bool = True, loss_starts: Mapping[str, int] | None = None):
+  def __init__(self, tokenizer, add_bos: bool = True, loss_start: Callable[[str], int | None] | None = None):
     if tokenizer.eos_token_id is None:
       raise ValueError("the tokenizer has no eos token; the pipeline separates documents with it")
     if add_bos and tokenizer.bos_token_id is None:
@@ -187,14 +187,14 @@ class TokenizeDocument(grain.transforms.Map):
     self._tokenizer = tokenizer
     self._prefix = [tokenizer.bos_token_id] if add_bos else []
     self._eos = tokenizer.eos_token_id
-    self._loss_starts = loss_starts
+    self._loss_start = loss_start
 
   def map(self, text: str) -> dict[str, np.ndarray]:
-    if self._loss_starts is None:
+    if self._loss_start is None:
       ids = self._tokenizer.encode(text, add_special_tokens=False)
       return {"tokens": np.asarray(self._prefix + ids + [self._eos], dtype=np.int32)}
     enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    start = self._loss_starts.get(text, 0)
+    start = self._loss_start(text) or 0
     counts = [int(s >= start) for s, _ in enc["offset_mapping"]]
     return {"tokens": np.asarray(self._prefix + enc["input_ids"] + [self._eos], dtype=np.int32),
             "loss": np.asarray([0] * len(self._prefix) + counts + [1], dtype=np.int32)}
@@ -274,12 +274,14 @@ SHUFFLE_WINDOW = 512  # pieces shuffled together before document packing
 
 def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int,
                     num_epochs: int | None = None, *, text_field: str = "text", add_bos: bool = True,
-                    packing: str = "concat", loss_starts: Mapping[str, int] | None = None) -> grain.IterDataset:
+                    packing: str = "concat", loss_start: Callable[[str], int | None] | None = None
+                    ) -> grain.IterDataset:
   """The batched grain IterDataset; `make_lm_iterator` is `iter()` of it. num_epochs=None repeats forever.
 
-  loss_starts: {text: character offset} of documents whose loss starts late (e.g. a QA document's questions,
-    not its randomly drawn context: qa_synthetic.loss_start); batches then carry "weights" with either packing,
-    0 for targets before a document's offset.
+  loss_start: text -> character offset where its loss starts, or None for all of it (e.g.
+    qa_synthetic.loss_start: a QA document's questions, not its randomly drawn context); batches then carry
+    "weights" with either packing, 0 for targets before a document's offset. A module-level function, so it
+    pickles.
 
   packing="concat": concat-then-split, no padding; documents cross window edges.
   packing="documents": a document of at most T + 1 tokens always lies whole in one window (longer ones are cut
@@ -296,8 +298,8 @@ def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: in
   if packing not in PACKINGS:
     raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
   ds = grain.MapDataset.source(texts).shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.map(TokenizeDocument(tokenizer, add_bos, loss_starts)).to_iter_dataset()
-  lengths = {"tokens": seq_len + 1} | ({} if loss_starts is None else {"loss": seq_len + 1})
+  ds = ds.map(TokenizeDocument(tokenizer, add_bos, loss_start)).to_iter_dataset()
+  lengths = {"tokens": seq_len + 1} | ({} if loss_start is None else {"loss": seq_len + 1})
   if packing == "concat":
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
     ds = ds.filter(_is_full_window).map(_shift)
@@ -313,8 +315,8 @@ def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: in
 
 def make_lm_iterator(texts_or_source: Sequence[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int,
                      num_epochs: int | None = None, *, text_field: str = "text", add_bos: bool = True,
-                     packing: str = "concat", loss_starts: Mapping[str, int] | None = None
+                     packing: str = "concat", loss_start: Callable[[str], int | None] | None = None
                      ) -> grain.DatasetIterator:
   """A checkpointable iterator of {"inputs": int32[B, T], "targets": int32[B, T]} batches (see module doc)."""
   return iter(make_lm_dataset(texts_or_source, tokenizer, seq_len, batch_size, seed, num_epochs,
-                              text_field=text_field, add_bos=add_bos, packing=packing, loss_starts=loss_starts))
+                              text_field=text_field, add_bos=add_bos, packing=packing, loss_start=loss_start))
