@@ -1,5 +1,9 @@
 """kvp_jax: KV Prediction for faster time to first token, in pure JAX.
 
+Folders by concern, each floor importing only the ones below it: models/ (the decoder), ttft/ (the one
+TTFT-method interface), kvp/ (KV Prediction), baselines/ (the other methods), training/, evaluation/, benchmark/,
+data/; the absl mains (train, eval, bench, quickstart, demo) at the top.
+
 The names below are imported on first use (PEP 562), so `import kvp_jax` loads neither JAX nor any model code.
 """
 
@@ -9,23 +13,23 @@ import importlib
 
 # public name -> (module, attribute)
 _EXPORTS = {
-    "load_pretrained": ("kvp_jax.hf_checkpoint", "load_pretrained"),
-    "save_pretrained": ("kvp_jax.hf_checkpoint", "save_pretrained"),
-    "CheckpointError": ("kvp_jax.hf_checkpoint", "CheckpointError"),
-    "logits": ("kvp_jax.model", "logits"),
-    "generate": ("kvp_jax.generation", "generate"),
-    "decode_from": ("kvp_jax.generation", "decode_from"),
-    "ModelConfig": ("kvp_jax.config", "ModelConfig"),
-    "init_params": ("kvp_jax.params", "init"),
-    "KVCache": ("kvp_jax.cache", "KVCache"),
+    "load_pretrained": ("kvp_jax.models.hf_checkpoint", "load_pretrained"),
+    "save_pretrained": ("kvp_jax.models.hf_checkpoint", "save_pretrained"),
+    "CheckpointError": ("kvp_jax.models.hf_checkpoint", "CheckpointError"),
+    "logits": ("kvp_jax.models.decoder", "logits"),
+    "generate": ("kvp_jax.models.generation", "generate"),
+    "decode_from": ("kvp_jax.models.generation", "decode_from"),
+    "ModelConfig": ("kvp_jax.models.config", "ModelConfig"),
+    "init_params": ("kvp_jax.models.params", "init"),
+    "KVCache": ("kvp_jax.models.cache", "KVCache"),
     # KV Prediction
-    "AuxSpec": ("kvp_jax.aux_models", "AuxSpec"),
-    "build_kvp": ("kvp_jax.kvp", "build"),
-    "load_model": ("kvp_jax.checkpointing", "load_model"),
-    "load_kvp": ("kvp_jax.checkpointing", "load_kvp"),
-    "predict_cache": ("kvp_jax.kvp", "predict_cache"),
-    "kvp_prefill": ("kvp_jax.kvp", "kvp_prefill"),
-    "kvp_generate": ("kvp_jax.kvp", "generate"),
+    "AuxSpec": ("kvp_jax.kvp.aux_models", "AuxSpec"),
+    "build_kvp": ("kvp_jax.kvp.inference", "build"),
+    "load_model": ("kvp_jax.models.checkpoints", "load_model"),
+    "load_kvp": ("kvp_jax.kvp.checkpoints", "load_kvp"),
+    "predict_cache": ("kvp_jax.kvp.inference", "predict_cache"),
+    "kvp_prefill": ("kvp_jax.kvp.inference", "kvp_prefill"),
+    "kvp_generate": ("kvp_jax.kvp.inference", "generate"),
 }
 
 __all__ = sorted(_EXPORTS)

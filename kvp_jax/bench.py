@@ -2,8 +2,9 @@
 
 XLA-compiled latency (TTFT, TPOT), FLOPs, memory of the base's prefill, each aux model alone, KV Prediction,
 KV Prediction + selective recomputation at a few budgets, and the LazyLLM / random / static pruning baselines,
-against a float32 matmul roofline and transformers' PyTorch prefill of the same weights; see bench_lib.py for
-the protocol. Prints a table, writes the JSON and a plot of TTFT against prompt length (<output>.png).
+against a float32 matmul roofline and transformers' PyTorch prefill of the same weights; see
+kvp_jax/benchmark/runner.py for the protocol. Prints a table, writes the JSON and a plot of TTFT against prompt
+length (<output>.png).
 """
 
 from __future__ import annotations
@@ -58,28 +59,32 @@ def _group(g: str) -> tuple[int, int]:
 def _build_spec():
   import jax
   import jax.numpy as jnp
-  from kvp_jax import bench_lib, checkpointing
-  from kvp_jax import params as P
-  from kvp_jax.config import ModelConfig
+
+  from kvp_jax.benchmark import methods as bm
+  from kvp_jax.benchmark import runner as bench_runner
+  from kvp_jax.kvp import checkpoints as kvp_checkpoints
+  from kvp_jax.models import checkpoints
+  from kvp_jax.models import params as P
+  from kvp_jax.models.config import ModelConfig
   dtype = jnp.dtype(FLAGS.dtype)
   key = jax.random.PRNGKey(FLAGS.seed)
   if FLAGS.base_checkpoint:
-    base_cfg, base = checkpointing.load_model(FLAGS.base_checkpoint, dtype)
+    base_cfg, base = checkpoints.load_model(FLAGS.base_checkpoint, dtype)
   else:
     base_cfg = ModelConfig(**json.loads(FLAGS.base_model))
     base = P.init(base_cfg, key, dtype)
   pairings = []
   for i, f in enumerate(FLAGS.lp_fractions):
-    pairings.append(bench_lib.lp_pairing(base_cfg, base, float(f), jax.random.fold_in(key, 100 + i)))
+    pairings.append(bm.lp_pairing(base_cfg, base, float(f), jax.random.fold_in(key, 100 + i)))
   if FLAGS.c_model:
     aux_cfg = ModelConfig(**{"vocab_size": base_cfg.vocab_size, **json.loads(FLAGS.c_model)})
-    pairings.append(bench_lib.c_pairing(base_cfg, aux_cfg, jax.random.fold_in(key, 200), dtype))
+    pairings.append(bm.c_pairing(base_cfg, aux_cfg, jax.random.fold_in(key, 200), dtype))
   for wd in FLAGS.kvp_workdir:
-    kcfg, _, kp = checkpointing.load_kvp(wd, base_params=base, dtype=dtype)
+    kcfg, _, kp = kvp_checkpoints.load_kvp(wd, base_params=base, dtype=dtype)
     if kcfg.base != base_cfg:
       raise ValueError(f"{wd} was trained for another base config than the one benchmarked")
-    pairings.append(bench_lib.Pairing(Path(wd).name, kcfg, kp))
-  from kvp_jax import pruning
+    pairings.append(bm.Pairing(Path(wd).name, kcfg, kp))
+  from kvp_jax.baselines import pruning
   budgets = []
   for b in FLAGS.recompute_budgets:
     ni, _, isz = b.lower().partition("x")
@@ -87,7 +92,7 @@ def _build_spec():
       raise ValueError(f"--recompute_budgets entries are num_intervals x interval_size (e.g. 2x16), got {b!r}")
     budgets.append((int(ni), int(isz)))
   schedule = pruning.check_schedule(pruning.parse_schedule(FLAGS.lazyllm_schedule), base_cfg.num_layers)
-  return bench_lib.BenchSpec(
+  return bench_runner.BenchSpec(
       base_cfg=base_cfg, base=base, pairings=pairings, prompt_lens=[int(t) for t in FLAGS.prompt_lens],
       batch_sizes=[int(b) for b in FLAGS.batch_sizes], max_tokens_per_batch=FLAGS.max_tokens_per_batch,
       skip_groups=tuple(_group(g) for g in FLAGS.skip_groups),
@@ -101,20 +106,21 @@ def _build_spec():
 
 def main(argv):
   del argv
-  from kvp_jax import bench_lib
-  from kvp_jax.hf_checkpoint import CheckpointError
+  from kvp_jax.benchmark import report as bench_report
+  from kvp_jax.benchmark import runner as bench_runner
+  from kvp_jax.models.hf_checkpoint import CheckpointError
   try:
     spec = _build_spec()
   except (ValueError, CheckpointError, FileNotFoundError) as e:  # bad flags or checkpoints: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  result = bench_lib.run(spec)
+  result = bench_runner.run(spec)
   out = Path(FLAGS.output)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=1))
-  print(bench_lib.table(result))
+  print(bench_report.table(result))
   png = out.with_suffix(".png")
-  print(f"wrote {out}" + (f" and {png}" if bench_lib.plot(result, png) else " (no matplotlib: no plot)"))
+  print(f"wrote {out}" + (f" and {png}" if bench_report.plot(result, png) else " (no matplotlib: no plot)"))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "paramet
 
 def _model(dtype):
   import jax
-  from kvp_jax import config, params
+
+  from kvp_jax.models import config, params
   if _CHECKPOINT.value:
-    from kvp_jax.hf_checkpoint import load_pretrained
+    from kvp_jax.models.hf_checkpoint import load_pretrained
     return load_pretrained(_CHECKPOINT.value, dtype)
   cfg = config.ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
                            num_kv_heads=2, head_dim=32, max_position_embeddings=2048)
@@ -53,7 +54,8 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from kvp_jax import generation
+
+  from kvp_jax.models import generation
 
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
   cfg, params = _model(dtype)

@@ -3,7 +3,7 @@
   python -m kvp_jax.eval --base_checkpoint=runs/q/base --output_dir=runs/q/eval --method=base \\
       --method=lp_alone:lp0.50@runs/q/lp_alone_lp0.50 --method=kvp:lp0.50@runs/q/kvp_lp0.50
 
-Each --method is METHOD[:AUX][@PATH][;KEY=VALUE]... (see eval_lib.MethodSpec). Writes report.json, report.md,
+Each --method is METHOD[:AUX][@PATH][;KEY=VALUE]... (see kvp_jax/evaluation/registry.py). Writes report.json, report.md,
 pareto.png and kv_error.png to --output_dir and prints the table.
 """
 
@@ -41,22 +41,25 @@ def _pair(v) -> tuple[int, int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  from kvp_jax import eval_lib
-  from kvp_jax.hf_checkpoint import CheckpointError
+  from kvp_jax.evaluation import registry
+  from kvp_jax.evaluation import report as eval_report
+  from kvp_jax.evaluation import runner as eval_runner
+  from kvp_jax.evaluation import tasks
+  from kvp_jax.models.hf_checkpoint import CheckpointError
   try:
-    ec = eval_lib.EvalConfig(
+    ec = tasks.EvalConfig(
         num_qa=F.num_qa, qa_num_facts=_pair(F.qa_num_facts), qa_distractors=F.qa_distractors,
         qa_answer_style=F.qa_answer_style, num_code=F.num_code,
         code_context_chars=_pair(F.code_context_chars), qa_max_new_tokens=F.qa_max_new_tokens,
         code_max_new_tokens=F.code_max_new_tokens, batch_size=F.batch_size,
         buckets=tuple(int(b) for b in F.buckets) if F.buckets else None, kv_error_examples=F.kv_error_examples,
         seed=F.seed)
-    specs = [eval_lib.MethodSpec.parse(m) for m in F.method]
-    report = eval_lib.evaluate(F.base_checkpoint, specs, ec, F.output_dir, tokenizer=F.tokenizer)
+    specs = [registry.MethodSpec.parse(m) for m in F.method]
+    report = eval_runner.evaluate(F.base_checkpoint, specs, ec, F.output_dir, tokenizer=F.tokenizer)
   except (ValueError, CheckpointError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)  # bad input: one line saying what was wrong, not a traceback
     sys.exit(2)
-  print(eval_lib.markdown(report))
+  print(eval_report.markdown(report))
   print(f"wrote {F.output_dir}/report.json, report.md, pareto.png, kv_error.png")
 
 

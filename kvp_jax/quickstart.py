@@ -8,7 +8,7 @@ Trains every model of the embedded comparison and evaluates every method, in-pro
 4. kvp_c, kvp_lpF: KV Prediction against the frozen base with each auxiliary model;
 5. with --ablations, extra KV Prediction variants for one aux: lambda_C summed over layers instead of averaged,
    the `activation` predictor instead of `kv`, `aligned` attention in training instead of `corenet`;
-6. eval: kvp_jax.eval_lib on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
+6. eval: kvp_jax.evaluation.runner on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
    and WORKDIR/eval.flags to rerun the evaluation alone with `python -m kvp_jax.eval --flagfile=...`.
 A stage whose workdir already holds its final checkpoint (and was made with the same settings) is reused, as is
 an evaluation report of the same configuration, so a rerun is quick; an interrupted stage resumes.
@@ -54,8 +54,8 @@ PRESETS = {
                  "qa_max_new_tokens": 24, "code_max_new_tokens": 24, "batch_size": 16, "buckets": None,
                  "kv_error_examples": 8},
         "ablation_aux": "lp0.50",
-        # One entry per extra method: an eval_lib.MethodSpec with {workdir} for the run's directory. LazyLLM's
-        # schedule names base layers (each in [1, num_layers - 1]): retune it with base_model's num_layers.
+        # One entry per extra method: an evaluation.registry.MethodSpec with {workdir} for the run's directory.
+        # LazyLLM's schedule names base layers (each in [1, num_layers - 1]): retune it with base_model's num_layers.
         "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=2;interval_size=16",
                           "lazyllm;schedule=1:0.7,2:0.5,3:0.4", "random_prune;keep=0.5",
                           "static_prune;keep=0.5"],
@@ -120,7 +120,7 @@ def plan(preset: dict, ablations: bool = False) -> list[dict]:
 
 
 def method_specs(preset: dict, stages: list[dict], workdir: Path) -> list[str]:
-  """Every row of the evaluation, as eval_lib.MethodSpec strings."""
+  """Every row of the evaluation, as evaluation.registry.MethodSpec strings."""
   wd = workdir.absolute()
   specs = ["base", f"aux_only:c@{wd}/aux_c"]
   specs += [f"lp_alone:{lp_label(f)}@{wd}/lp_alone_{lp_label(f)}" for f in preset["lp_fractions"]]
@@ -138,10 +138,10 @@ def _fingerprint(stage: dict, prints: dict) -> dict:
 
 
 def _finished(wd: Path, steps: int) -> bool:
-  from kvp_jax import checkpointing
+  from kvp_jax.models import checkpoints
   if not (wd / "checkpoints").is_dir():
     return False
-  ck = checkpointing.Checkpointer(wd, save_every=1)
+  ck = checkpoints.Checkpointer(wd, save_every=1)
   try:
     return ck.latest_step() == steps
   finally:
@@ -149,7 +149,9 @@ def _finished(wd: Path, steps: int) -> bool:
 
 
 def _run_stage(stage: dict, workdir: Path, mesh):
-  from kvp_jax import aux_models, checkpointing, losses, stages, train_lib
+  from kvp_jax.kvp import aux_models, losses
+  from kvp_jax.models import checkpoints
+  from kvp_jax.training import loop, stages
   a = stage["args"]
   wd = workdir / stage["name"]
   base = str(workdir / "base")
@@ -157,18 +159,18 @@ def _run_stage(stage: dict, workdir: Path, mesh):
   data["qa_num_facts"] = tuple(data["qa_num_facts"])
   data = stages.DataConfig(**data)
   o = a["optim"]
-  optim = train_lib.OptimConfig(lr=o["lr"], warmup_steps=o["warmup_steps"])
+  optim = loop.OptimConfig(lr=o["lr"], warmup_steps=o["warmup_steps"])
   common = dict(workdir=wd, data=data, steps=o["steps"], optim=optim, mesh=mesh, save_every=o["steps"],
                 log_every=max(1, o["steps"] // 10))
   if stage["kind"] == "pretrain":
     if "lp_fraction" in a:
-      n = checkpointing.load_model(base)[0].num_layers
+      n = checkpoints.load_model(base)[0].num_layers
       return stages.pretrain(model=None, init_checkpoint=base, lp_keep=aux_models.lp_keep_layers(n, a["lp_fraction"]),
                              tokenizer=base, z_loss=1e-4, **common)
     return stages.pretrain(model=a["model"], init_checkpoint=None, lp_keep=None,
                            tokenizer=a.get("tokenizer", base), z_loss=1e-4, **common)
-  aux = stages.AuxSpec(kind=a["aux"]["kind"], lp_keep_fraction=a["aux"].get("lp_keep_fraction", 0.5),
-                       checkpoint=str(workdir / "aux_c") if a["aux"]["kind"] == "c" else None)
+  aux = aux_models.AuxSpec(kind=a["aux"]["kind"], lp_keep_fraction=a["aux"].get("lp_keep_fraction", 0.5),
+                           checkpoint=str(workdir / "aux_c") if a["aux"]["kind"] == "c" else None)
   loss = losses.KVPLossConfig(kv_reduce=a["kv_reduce"], attention_mode=a["attention_mode"])
   return stages.kvp(base_checkpoint=base, aux=aux, predictor_kind=a["predictor"], predictor_init="identity",
                     layer_map=None, loss=loss, freeze_aux=False, **common)
@@ -180,14 +182,18 @@ def _fmt_s(s: float) -> str:
 
 
 def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], None] = print) -> dict:
-  """Trains what is missing, evaluates, and returns the report (see kvp_jax/eval_lib.py)."""
-  from kvp_jax import checkpointing, eval_lib, sharding
+  """Trains what is missing, evaluates, and returns the report (see kvp_jax/evaluation/report.py)."""
+  from kvp_jax.evaluation import registry
+  from kvp_jax.evaluation import runner as eval_runner
+  from kvp_jax.evaluation import tasks
+  from kvp_jax.models import checkpoints
+  from kvp_jax.training import sharding
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   stages = plan(preset, ablations)
   specs = method_specs(preset, stages, workdir)
   for s in specs:
-    eval_lib.MethodSpec.parse(s)  # a typo in a preset fails now, not after all the training
+    registry.MethodSpec.parse(s)  # a typo in a preset fails now, not after all the training
   prints = {}
   for st in stages:
     prints[st["name"]] = _fingerprint(st, prints)
@@ -209,12 +215,12 @@ def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], 
     log(f"[{i}/{total}] {st['name']}: {what} ...")
     t0 = time.time()
     wd.mkdir(parents=True, exist_ok=True)
-    checkpointing.write_json(wd / STAGE_FILE, prints[st["name"]])
+    checkpoints.write_json(wd / STAGE_FILE, prints[st["name"]])
     _run_stage(st, workdir, mesh)
     log(f"[{i}/{total}] {st['name']}: done in {_fmt_s(time.time() - t0)} (total {_fmt_s(time.time() - t_begin)})")
 
   e = preset["eval"]
-  ec = eval_lib.EvalConfig(
+  ec = tasks.EvalConfig(
       num_qa=e["num_qa"], qa_num_facts=tuple(e["qa_num_facts"]), num_code=e["num_code"],
       qa_distractors=preset["data"].get("qa_distractors", "shared"),
       qa_answer_style=preset["data"].get("qa_answer_style", "bare"),
@@ -232,8 +238,8 @@ def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], 
     return old
   log(f"[{total}/{total}] eval: {len(specs)} methods ...")
   t0 = time.time()
-  report = eval_lib.evaluate(base, [eval_lib.MethodSpec.parse(s) for s in specs], ec, out, log=log,
-                             extra_config={"stages": prints})
+  report = eval_runner.evaluate(base, [registry.MethodSpec.parse(s) for s in specs], ec, out, log=log,
+                                extra_config={"stages": prints})
   log(f"[{total}/{total}] eval: done in {_fmt_s(time.time() - t0)} (total {_fmt_s(time.time() - t_begin)})")
   return report
 
@@ -260,8 +266,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
   import sys
-  from kvp_jax import eval_lib
-  from kvp_jax.hf_checkpoint import CheckpointError
+
+  from kvp_jax.evaluation import report as eval_report
+  from kvp_jax.models.hf_checkpoint import CheckpointError
   logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)  # its per-save chatter
   say = lambda s: print(s, flush=True)
   try:
@@ -270,7 +277,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   out = Path(F.workdir) / "eval"
-  say("\n" + eval_lib.markdown(report))
+  say("\n" + eval_report.markdown(report))
   say(f"\nreport: {out}/report.json ({out}/report.md); plots: {out}/pareto.png, {out}/kv_error.png; "
       f"rerun the evaluation alone: python -m kvp_jax.eval --flagfile={F.workdir}/eval.flags")
 

@@ -90,10 +90,11 @@ def _ints(v):
 
 
 def run():
-  from kvp_jax import aux_models, losses, sharding, stages, train_lib  # after flag parsing: keeps --help fast
+  from kvp_jax.kvp import aux_models, losses  # after flag parsing: keeps --help fast
+  from kvp_jax.training import loop, sharding, stages
   mesh = sharding.make_mesh(F.mesh_data, F.mesh_model)
-  optim = train_lib.OptimConfig(lr=F.lr, min_lr_ratio=F.min_lr_ratio, warmup_steps=F.warmup_steps,
-                                weight_decay=F.weight_decay, clip=F.clip)
+  optim = loop.OptimConfig(lr=F.lr, min_lr_ratio=F.min_lr_ratio, warmup_steps=F.warmup_steps,
+                           weight_decay=F.weight_decay, clip=F.clip)
   data = stages.DataConfig(source=F.data, num_qa_docs=F.num_qa_docs, qa_num_facts=_ints(F.qa_num_facts),
                            max_code_files=F.max_code_files, qa_questions_per_doc=F.qa_questions_per_doc,
                            qa_distractors=F.qa_distractors, qa_answer_style=F.qa_answer_style,
@@ -104,17 +105,17 @@ def run():
   if F.stage == "pretrain":
     keep = _ints(F.lp_keep_layers)
     if keep is None and F.lp_keep_fraction is not None:
-      from kvp_jax import checkpointing
+      from kvp_jax.models import checkpoints
       if not F.init_checkpoint:
         raise ValueError("--lp_keep_fraction in pretraining prunes --init_checkpoint; pass one")
-      n = checkpointing.load_model(F.init_checkpoint)[0].num_layers
+      n = checkpoints.load_model(F.init_checkpoint)[0].num_layers
       keep = aux_models.lp_keep_layers(n, F.lp_keep_fraction)
     _, rows = stages.pretrain(model=_json_flag("model"), init_checkpoint=F.init_checkpoint, lp_keep=keep,
                               tokenizer=F.tokenizer, z_loss=F.z_loss, **common)
   else:
-    aux = stages.AuxSpec(kind=F.aux, lp_keep_fraction=F.lp_keep_fraction or 0.5,
-                         lp_keep_layers=_ints(F.lp_keep_layers), checkpoint=F.aux_checkpoint,
-                         model=_json_flag("aux_model"))
+    aux = aux_models.AuxSpec(kind=F.aux, lp_keep_fraction=F.lp_keep_fraction or 0.5,
+                             lp_keep_layers=_ints(F.lp_keep_layers), checkpoint=F.aux_checkpoint,
+                             model=_json_flag("aux_model"))
     loss = losses.KVPLossConfig(w_base=F.w_base, w_aux=F.w_aux, lambda_c=F.lambda_c, kv_reduce=F.kv_reduce,
                                 z_loss=F.z_loss, qk_weight=F.qk_weight, attention_mode=F.attention_mode)
     _, rows = stages.kvp(base_checkpoint=F.base_checkpoint, aux=aux, predictor_kind=F.predictor,
@@ -128,7 +129,8 @@ def run():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  from kvp_jax.hf_checkpoint import CheckpointError
+  from kvp_jax.models.hf_checkpoint import CheckpointError
+
   # orbax logs every step of every save at INFO; keep the log to our progress lines.
   logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
   try:

@@ -33,8 +33,9 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from kvp_jax import config, losses, model
-from kvp_jax import params as P
+from kvp_jax.models import config, decoder
+from kvp_jax.models import params as P
+from kvp_jax.models.lm_loss import lm_loss
 
 flags.DEFINE_enum("task", "recall", ["recall", "copy"], "Which probe.")
 flags.DEFINE_integer("layers", 2, "Decoder layers.")
@@ -91,7 +92,7 @@ def main(argv):
 
   @jax.jit
   def step(params, opt, batch):
-    (_, m), g = jax.value_and_grad(lambda p: losses.lm_loss(cfg, p, batch), has_aux=True)(params)
+    (_, m), g = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch), has_aux=True)(params)
     updates, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, updates), opt, m
 
@@ -107,7 +108,7 @@ def main(argv):
     params, opt, m = step(params, opt, batch)
     if i % 100 == 0:
       s, mask = make()
-      pred = np.asarray(model.logits(cfg, params, jnp.asarray(s[:, :-1])).argmax(-1))
+      pred = np.asarray(decoder.logits(cfg, params, jnp.asarray(s[:, :-1])).argmax(-1))
       acc = float(((pred == s[:, 1:]) * mask).sum() / mask.sum())
       print(f"step {i} loss {float(m['ce']):.3f} {F.task} accuracy {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
 

@@ -2,10 +2,10 @@
 
   python launch/profile_kvp.py --prompt_len=1024 [--batch=8]
 
-Times (medians of interleaved runs, order rotating) each prefix of `kvp.kvp_prefill`: the aux forward pass as
+Times (medians of interleaved runs, order rotating) each prefix of `inference.kvp_prefill`: the aux forward pass as
 KVP runs it (XLA drops the last layer's unused output), + the predictor, + building the base cache (key norm,
 RoPE, layout), the whole of kvp_prefill, and the base's last-token step alone. The differences are what each
-piece costs; compare them with their FLOPs (kvp_jax/flops.py) to see which are memory-bound.
+piece costs; compare them with their FLOPs (kvp_jax/models/flops.py) to see which are memory-bound.
 
 Memory roofline, in the same interleaved rounds: a jitted sum over a float32 array as large as the bytes the
 base's last-token step reads (every weight but the embedding table, and the cache) gives this machine's read
@@ -19,9 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from kvp_jax import bench_lib, flops, kvp, model, predictor
-from kvp_jax import params as P
-from kvp_jax.config import ModelConfig
+from kvp_jax.benchmark import methods as bm
+from kvp_jax.benchmark import timing
+from kvp_jax.kvp import inference, predictor
+from kvp_jax.kvp.flops import aux_prediction_flops, kvp_flops, predictor_flops
+from kvp_jax.models import decoder, flops
+from kvp_jax.models import params as P
+from kvp_jax.models.config import ModelConfig
 
 flags.DEFINE_integer("prompt_len", 1024, "Prompt length T.")
 flags.DEFINE_integer("runs", 7, "Timed runs per piece.")
@@ -38,8 +42,8 @@ def main(argv):
   base_cfg = ModelConfig(**BASE)
   key = jax.random.PRNGKey(0)
   base = P.init(base_cfg, key)
-  pairs = [bench_lib.lp_pairing(base_cfg, base, 0.25, jax.random.fold_in(key, 1)),
-           bench_lib.c_pairing(base_cfg, ModelConfig(**C_AUX), jax.random.fold_in(key, 2))]
+  pairs = [bm.lp_pairing(base_cfg, base, 0.25, jax.random.fold_in(key, 1)),
+           bm.c_pairing(base_cfg, ModelConfig(**C_AUX), jax.random.fold_in(key, 2))]
   T = F.prompt_len
   max_len = T + 1
   B = F.batch
@@ -49,29 +53,29 @@ def main(argv):
   calls = {}
   for pr in pairs:
     kc, kp = pr.kcfg, pr.kp
-    pos = kvp.positions(prompt, starts)
-    aux = jax.jit(lambda kp, t, kc=kc, pos=pos: model.forward_layers(
+    pos = inference.positions(prompt, starts)
+    aux = jax.jit(lambda kp, t, kc=kc, pos=pos: decoder.forward_layers(
         kc.aux, kp.aux, t, pos, compute_logits=False, **predictor.collect_flags(kc.kind)).kv)
-    pred = jax.jit(lambda kp, t, kc=kc, pos=pos: kvp.predict_layers(kc, kp, t, pos))
-    cache = jax.jit(lambda kp, t, kc=kc: kvp.predict_cache(kc, base, kp, t, starts, max_len))
-    full = jax.jit(lambda kp, t, kc=kc: kvp.kvp_prefill(kc, base, kp, t, starts, max_len))
+    pred = jax.jit(lambda kp, t, kc=kc, pos=pos: inference.predict_layers(kc, kp, t, pos))
+    cache = jax.jit(lambda kp, t, kc=kc: inference.predict_cache(kc, base, kp, t, starts, max_len))
+    full = jax.jit(lambda kp, t, kc=kc: inference.kvp_prefill(kc, base, kp, t, starts, max_len))
     calls[f"{pr.name}: aux"] = lambda f=aux, kp=kp: f(kp, prompt)
     calls[f"{pr.name}: aux+predictor"] = lambda f=pred, kp=kp: f(kp, prompt)
     calls[f"{pr.name}: aux+predictor+cache"] = lambda f=cache, kp=kp: f(kp, prompt)
     calls[f"{pr.name}: kvp_prefill"] = lambda f=full, kp=kp: f(kp, tokens)
-  c = kvp.predict_cache(pairs[0].kcfg, base, pairs[0].kp, prompt, starts, max_len)
-  step = jax.jit(lambda b, t, c: model.forward(base_cfg, b, t, None, c, all_logits=False))
+  c = inference.predict_cache(pairs[0].kcfg, base, pairs[0].kp, prompt, starts, max_len)
+  step = jax.jit(lambda b, t, c: decoder.forward(base_cfg, b, t, None, c, all_logits=False))
   calls["base: last-token step"] = lambda: step(base, tokens[:, -1:], c)
   # Every weight but the embedding table (one row of it), and the whole cache, read once.
   step_bytes = (P.count(base) - base.embed.size) * 4 + (c.k.size + c.v.size) * 4
   stream = jnp.ones((step_bytes // 4,), jnp.float32)
   read_all = jax.jit(jnp.sum)
   calls["memory: sum over as many bytes"] = lambda: read_all(stream)
-  mm, mm_flops, _ = bench_lib.matmul_call(2048)
+  mm, mm_flops, _ = timing.matmul_call(2048)
   calls["matmul 2048^3"] = mm
-  prefill = jax.jit(lambda b, t: model.prefill(base_cfg, b, t, starts, max_len)[0])
+  prefill = jax.jit(lambda b, t: decoder.prefill(base_cfg, b, t, starts, max_len)[0])
   calls["base: prefill"] = lambda: prefill(base, tokens)
-  times = bench_lib.time_interleaved(calls, F.runs, 1)
+  times = timing.time_interleaved(calls, F.runs, 1)
   med = {k: float(np.median(v)) for k, v in times.items()}
   for k, v in med.items():
     print(f"{k:32s} {v * 1e3:8.1f} ms")
@@ -81,15 +85,15 @@ def main(argv):
   pieces = [("base: prefill", med["base: prefill"], flops.prefill_flops(base_cfg, T, batch=B))]
   for pr in pairs:
     kc, n = pr.kcfg, f"{pr.name}: "
-    aux_f = flops.aux_prediction_flops(kc.aux, T - 1, kind=kc.kind, batch=B)
-    pred_f = flops.predictor_flops(base_cfg, kc.in_width, T - 1, batch=B)
+    aux_f = aux_prediction_flops(kc.aux, T - 1, kind=kc.kind, batch=B)
+    pred_f = predictor_flops(base_cfg, kc.in_width, T - 1, batch=B)
     pieces += [(n + "aux", med[n + "aux"], aux_f),
                (n + "predictor", med[n + "aux+predictor"] - med[n + "aux"], pred_f),
                (n + "cache build", med[n + "aux+predictor+cache"] - med[n + "aux+predictor"], 0),
                (n + "base step (in kvp)", med[n + "kvp_prefill"] - med[n + "aux+predictor+cache"],
                 flops.decode_flops(base_cfg, T - 1, batch=B)),
                (n + "kvp_prefill", med[n + "kvp_prefill"],
-                flops.kvp_flops(base_cfg, kc.aux, T, in_width=kc.in_width, kind=kc.kind, batch=B))]
+                kvp_flops(base_cfg, kc.aux, T, in_width=kc.in_width, kind=kc.kind, batch=B))]
   for name, t, f in pieces:
     print(f"  {name:28s} {t * 1e3:8.1f} ms {f / 1e9:8.2f} GFLOP  x{t / (f / peak) if f else float('inf'):6.2f}")
   read_bw = step_bytes / med["memory: sum over as many bytes"]

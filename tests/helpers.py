@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from kvp_jax import params as params_lib
-from kvp_jax.config import ModelConfig
+from kvp_jax.models import params as params_lib
+from kvp_jax.models.config import ModelConfig
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> params_lib.Params:

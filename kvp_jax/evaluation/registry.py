@@ -1,0 +1,126 @@
+"""Every evaluable method by name: a `MethodSpec` string ("kvp:lp0.50@runs/q/kvp_lp0.50;kv_reduce=sum") is
+parsed and built into a ttft.Method by `BUILDERS`; adding a method is one entry there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable
+
+from kvp_jax.kvp import checkpoints as kvp_checkpoints
+from kvp_jax.kvp import inference
+from kvp_jax.models import checkpoints
+from kvp_jax.ttft import method as ttft
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """`METHOD[:AUX][@PATH][;KEY=VALUE]...`: which builder, which aux label, which checkpoint, which settings.
+
+  Settings go to the row's `settings` (for kvp they describe a trained variant; other builders may read them
+  as arguments). Values are parsed as JSON where they can be (so 2 is an int), else kept as strings.
+  """
+  method: str
+  aux: str | None = None
+  path: str | None = None
+  settings: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def parse(cls, text: str) -> "MethodSpec":
+    head, *pairs = text.strip().split(";")
+    head, _, path = head.partition("@")
+    method, _, aux = head.partition(":")
+    settings = []
+    for p in pairs:
+      k, eq, v = p.partition("=")
+      if not eq or not k:
+        raise ValueError(f"method spec {text!r}: setting {p!r} is not KEY=VALUE")
+      try:
+        v = json.loads(v)
+      except json.JSONDecodeError:
+        pass
+      settings.append((k.strip(), v))
+    if method not in BUILDERS:
+      raise ValueError(f"method spec {text!r}: unknown method {method!r}; known: {sorted(BUILDERS)}")
+    return cls(method, aux or None, path or None, tuple(settings))
+
+  def __str__(self) -> str:
+    s = self.method + (f":{self.aux}" if self.aux else "") + (f"@{self.path}" if self.path else "")
+    return s + "".join(f";{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in self.settings)
+
+
+class Models:
+  """Loads each checkpoint once; every kvp workdir must have been trained against this base."""
+
+  def __init__(self, base_checkpoint: str):
+    self.base_path = str(base_checkpoint)
+    self.base = checkpoints.load_model(base_checkpoint)
+    self._models, self._kvps = {}, {}
+
+  def model(self, path: str):
+    if path not in self._models:
+      self._models[path] = checkpoints.load_model(path)
+    return self._models[path]
+
+  def kvp(self, path: str):
+    if path not in self._kvps:
+      kcfg, base, kp = kvp_checkpoints.load_kvp(path, base_params=self.base[1])
+      if kcfg.base != self.base[0]:
+        raise ValueError(f"{path} was trained against another base than {self.base_path}")
+      self._kvps[path] = (kcfg, base, kp)
+    return self._kvps[path]
+
+
+def _needs_path(spec: MethodSpec) -> str:
+  if not spec.path:
+    raise ValueError(f"method {spec.method!r} needs a checkpoint: write it as {spec.method}:AUX@PATH")
+  return spec.path
+
+
+def _settings(spec: MethodSpec) -> dict:
+  return dict(spec.settings)
+
+
+def _lazyllm(spec: MethodSpec, models: Models) -> ttft.Method:
+  from kvp_jax.baselines import pruning  # imported when used: a method's module never slows or breaks the others
+  kw = _settings(spec)
+  if isinstance(kw.get("schedule"), str):
+    kw["schedule"] = pruning.parse_schedule(kw["schedule"])
+  return pruning.lazyllm_method(*models.base, **kw)
+
+
+def _pruned(fn: str) -> Callable[[MethodSpec, Models], ttft.Method]:
+  def build(spec: MethodSpec, models: Models) -> ttft.Method:
+    from kvp_jax.baselines import pruning
+    return getattr(pruning, fn)(*models.base, **_settings(spec))
+  return build
+
+
+def _recompute(spec: MethodSpec, models: Models) -> ttft.Method:
+  from kvp_jax.baselines import recompute
+  return recompute.recompute_method(*models.kvp(_needs_path(spec)), aux=spec.aux, **_settings(spec))
+
+
+def _described(m: ttft.Method, spec: MethodSpec) -> ttft.Method:
+  return dataclasses.replace(m, settings={**m.settings, **dict(spec.settings)})
+
+
+BUILDERS: dict[str, Callable[[MethodSpec, Models], ttft.Method]] = {
+    "base": lambda s, ms: ttft.model_method("base", *(ms.model(s.path) if s.path else ms.base)),
+    "aux_only": lambda s, ms: _described(ttft.model_method("aux_only", *ms.model(_needs_path(s)), aux=s.aux), s),
+    "lp_alone": lambda s, ms: _described(ttft.model_method("lp_alone", *ms.model(_needs_path(s)), aux=s.aux), s),
+    "kvp": lambda s, ms: _described(inference.kvp_method(*ms.kvp(_needs_path(s)), aux=s.aux), s),
+    # These read their settings as arguments (e.g. "random_prune;keep=0.5", "kvp_recompute:lp0.50@DIR;
+    # num_intervals=2;interval_size=16", "lazyllm;schedule=1:0.7,2:0.5").
+    "kvp_recompute": _recompute,
+    "lazyllm": _lazyllm,
+    "random_prune": _pruned("random_prune_method"),
+    "static_prune": _pruned("static_prune_method"),
+}
+
+
+def spec_label(spec: MethodSpec) -> str:
+  """The row label a spec gets (as ttft.Method.label), without building the method."""
+  extra = ",".join(f"{k}={v}" for k, v in spec.settings)
+  return spec.method + (f"[{spec.aux}]" if spec.aux else "") + (f"({extra})" if extra else "")

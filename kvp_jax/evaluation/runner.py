@@ -1,0 +1,95 @@
+"""Accuracy against TTFT FLOPs for every method on the embedded tasks (kvp_jax/eval.py is the entry point).
+
+`evaluate` builds each method from its spec (registry.py), scores it on every task (tasks.py, scoring.py),
+counts its TTFT FLOPs at each task's mean prompt length, ours (aux, predictor, the base's last-token step,
+attention) and the paper's (N x aux cost per token), and writes report.json / report.md (report.py) and the
+plots (plots.py).
+Shape legend: see kvp_jax/models/config.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvp_jax.data import tokenizer as tok_lib
+from kvp_jax.evaluation import plots
+from kvp_jax.evaluation.registry import BUILDERS, MethodSpec, Models, spec_label
+from kvp_jax.evaluation.report import equal_flops, gap_recovered, write_report
+from kvp_jax.evaluation.scoring import evaluate_method
+from kvp_jax.evaluation.tasks import METRICS, TASK_OF_METRIC, EvalConfig, Task, make_tasks, newline_counts
+from kvp_jax.kvp import inference
+from kvp_jax.models import checkpoints, generation
+
+
+def kv_errors(models: Models, specs: list[MethodSpec], task: Task, pad_id: int, n: int) -> dict[str, dict]:
+  """Per-layer mean |K_pred - K_base| and |V_pred - V_base| over n prompts of `task`, per kvp spec."""
+  exs = task.examples[:n]
+  bucket = generation.bucket_length(max(len(e.prompt_ids) for e in exs))
+  tokens, starts = generation.pad_prompts([e.prompt_ids for e in exs], pad_id, bucket)
+  out = {}
+  for s in specs:
+    kcfg, base, kp = models.kvp(s.path)
+    pred, true = inference.predicted_and_true_cache(kcfg, base, kp, jnp.asarray(tokens), jnp.asarray(starts), bucket)
+    err = inference.layer_errors(pred, true)
+    out[spec_label(s)] = {"k": np.asarray(err["k"]).tolist(), "v": np.asarray(err["v"]).tolist()}
+  return out
+
+
+def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_dir, *, tokenizer=None,
+             log: Callable[[str], None] = print, extra_config: dict | None = None) -> dict:
+  """Evaluates every spec, writes report.json, report.md, pareto.png and kv_error.png; returns the report.
+
+  extra_config: recorded under report["config"] (the quickstart's stage fingerprints, to know when to rerun).
+  """
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tok = tok_lib.load_tokenizer(tokenizer or checkpoints.tokenizer_dir(base_checkpoint))
+  models = Models(base_checkpoint)
+  pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+  tasks = make_tasks(tok, ec)
+  nl_counts = newline_counts(tok, models.base[0].vocab_size)
+  mean_len = {t.name: t.mean_prompt_len for t in tasks}
+  overall = float(np.mean([len(e.prompt_ids) for t in tasks for e in t.examples]))
+  log("eval prompts: " + ", ".join(f"{t.name} {len(t.examples)} x {mean_len[t.name]:.0f} tokens" for t in tasks))
+  results = []
+  for i, spec in enumerate(specs):
+    t0 = time.time()
+    m = BUILDERS[spec.method](spec, models)
+    metrics = evaluate_method(m, tasks, tok, ec, pad_id, nl_counts)
+    row = {"method": m.name, "label": m.label, "ttft_flops": m.ttft_flops(round(overall)),
+           "ttft_flops_paper": m.ttft_flops_paper(round(overall)),
+           "ttft_flops_by_task": {k: m.ttft_flops(round(n)) for k, n in mean_len.items()},
+           "ttft_flops_paper_by_task": {k: m.ttft_flops_paper(round(n)) for k, n in mean_len.items()},
+           "metrics": metrics, "eval_s": time.time() - t0, "spec": str(spec)}
+    if m.aux is not None:
+      row["aux"] = m.aux
+    if m.settings:
+      row["settings"] = m.settings
+    results.append(row)
+    log(f"  [{i + 1}/{len(specs)}] {m.label}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        + f" ({row['eval_s']:.1f}s)")
+  kvp_specs = [s for s in specs if s.method == "kvp"]
+  qa = next(t for t in tasks if t.name == "qa")
+  report = {
+      "tasks": [k for k in METRICS if any(k in r["metrics"] for r in results)],
+      "results": results,
+      "gap_recovered": gap_recovered(results),
+      "equal_flops": equal_flops(results),
+      "kv_error": kv_errors(models, kvp_specs, qa, pad_id, ec.kv_error_examples) if kvp_specs else {},
+      "prompt_len_mean": mean_len,
+      "prompt_len_mean_all": overall,
+      "config": {"eval": ec.to_dict(), "base_checkpoint": str(base_checkpoint), "methods": [str(s) for s in specs],
+                 **(extra_config or {})},
+      "env": {"jax": jax.__version__, "backend": jax.default_backend(), "python": sys.version.split()[0]},
+  }
+  write_report(report, out_dir)
+  plots.pareto(report, out_dir / "pareto.png", TASK_OF_METRIC)
+  plots.kv_error(report, out_dir / "kv_error.png")
+  return report
