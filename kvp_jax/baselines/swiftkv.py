@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from kvp_jax.models import attention, decoder, flops
+from kvp_jax.models import attention, checkpoints, decoder, flops, hf_checkpoint
+from kvp_jax.models import params as P
 from kvp_jax.models import cache as kv_cache
 from kvp_jax.models.cache import KVCache
 from kvp_jax.models.config import ModelConfig
@@ -84,6 +87,35 @@ def init_from_base(cfg: ModelConfig, base: Params, k: int) -> SwiftKVParams:
       wkv=jnp.stack([jnp.stack([lp.wk, lp.wv], axis=1) for lp in late], axis=1),
       bq=jnp.stack([lp.bq for lp in late]) if cfg.attention_bias else None,
       bkv=jnp.stack([jnp.stack([lp.bk, lp.bv]) for lp in late]) if cfg.attention_bias else None)
+
+
+def logical_axes(skv: SwiftKVParams) -> SwiftKVParams:
+  """Sharding axes (kvp_jax/training/sharding.py) of each SwiftKV parameter, like the base's projections."""
+  return SwiftKVParams(norm=("embed",), wq=(None, "embed", "heads", "head_dim"),
+                       wkv=("embed", None, None, "kv_heads", "head_dim"),
+                       bq=None if skv.bq is None else (None, "heads", "head_dim"),
+                       bkv=None if skv.bkv is None else (None, None, "kv_heads", "head_dim"))
+
+
+def load_swiftkv(workdir, base_params=None, dtype=None) -> tuple[ModelConfig, Params, SwiftKVParams]:
+  """(base cfg, base params, SwiftKVParams) from a workdir of `python -m kvp_jax.train --stage=swiftkv`; the base
+  is loaded from the path the run recorded unless given."""
+  dtype = dtype or jnp.float32
+  p = Path(workdir)
+  if not (p / checkpoints.SWIFTKV_CONFIG).exists():
+    raise hf_checkpoint.CheckpointError(f"no {checkpoints.SWIFTKV_CONFIG} in {p}; pass a workdir made by "
+                                        "--stage=swiftkv")
+  meta = json.loads((p / checkpoints.SWIFTKV_CONFIG).read_text())
+  cfg = ModelConfig.from_dict(meta["base"])
+  if base_params is None:
+    _, base_params = checkpoints.load_model(meta["base_checkpoint"], dtype)
+  ck = checkpoints.Checkpointer(p, save_every=1)
+  if ck.latest_step() is None:
+    raise hf_checkpoint.CheckpointError(f"{p} has no finished checkpoint yet; train it first (or wait)")
+  k = meta["cutoff_layers"]
+  params = ck.restore_params(jax.eval_shape(lambda b: init_from_base(cfg, b, k), P.abstract(cfg)))
+  ck.close()
+  return cfg, base_params, P.cast(params, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the model

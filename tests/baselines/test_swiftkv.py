@@ -15,14 +15,20 @@ from kvp_jax.models.config import ModelConfig, tiny_config
 from kvp_jax.ttft import method as ttft
 
 T, MAX_LEN, START = 20, 28, 6
-_forward = jax.jit(lambda cfg, base, skv, row: swiftkv.student_forward(
-    cfg, base, skv, swiftkv.teacher_forward(cfg, base, swiftkv.cutoff(cfg, skv), row, decoder.default_positions(row))[1],
-    decoder.default_positions(row))[0], static_argnums=0)
+CFG = tiny_config(num_layers=4)
+
+
+@jax.jit
+def _forward(base, skv, row):
+  """SwiftKV's training forward: every position, no cache."""
+  pos = decoder.default_positions(row)
+  h_k = swiftkv.teacher_forward(CFG, base, swiftkv.cutoff(CFG, skv), row, pos)[1]
+  return swiftkv.student_forward(CFG, base, skv, h_k, pos)[0]
 
 
 @pytest.fixture(scope="module")
 def setup():
-  cfg = tiny_config(num_layers=4)
+  cfg = CFG
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, T + 4), 3, cfg.vocab_size)
   return cfg, random_params(cfg, 0), tokens, jnp.array([0, START], jnp.int32)
 
@@ -61,7 +67,7 @@ def test_prefill_and_decode_equal_the_training_forward(setup, k):
     logits, cache = swiftkv.swiftkv_step(cfg, base, skv, tokens[:, T + i:T + i + 1], cache)
     steps.append(logits)
   for b in range(2):
-    full = _forward(cfg, base, skv, tokens[b:b + 1, int(starts[b]):])[0]  # every position, no cache
+    full = _forward(base, skv, tokens[b:b + 1, int(starts[b]):])[0]  # every position, no cache
     n = T - int(starts[b])
     for i, s in enumerate(steps):
       np.testing.assert_allclose(s[b], full[n - 1 + i], atol=2e-5)
