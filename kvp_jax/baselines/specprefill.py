@@ -11,9 +11,10 @@ As their code does it (vllm_patch/worker/look_ahead_spec_worker.py)
   top ceil(p * n_chunks) chunks are kept, in their original order.
 - The base prefills only the kept tokens, at their original positions; the first token comes from the last
   kept token's logits, and decoding continues at the true prompt length (RoPE position n, n + 1, ...).
-What we add: `keep_last` force-keeps the prompt's last chunk within the same chunk budget (a llama.cpp port
-does this; theirs does not, so their first token may be predicted from an earlier position); it is recorded
-in the row's settings. Per-row end-of-sequence ids come from the draft's config (theirs hard-code Llama-3's),
+What we add: `keep_last` keeps the prompt's last chunk on top of the ceil(p * n_chunks) best of the others
+(llama.cpp's port keeps "the top-p fraction of chunks plus BOS and prompt boundary tokens"; theirs forces
+nothing, so their first token may be predicted from an earlier position); it is recorded in the row's settings,
+and the FLOPs count the extra chunk. Per-row end-of-sequence ids come from the draft's config (theirs hard-code Llama-3's),
 and every row uses its own last token (theirs indexes a flattened batch, right only for a batch of one).
 Scores and softmax are float32 throughout (theirs cast the softmax back to bf16 before pooling).
 
@@ -115,15 +116,23 @@ def token_importance(cfg: ModelConfig, draft: Params, tokens_BT, starts_B, *, lo
   return jnp.where(real_BT, imp, 0.0)
 
 
-def kept_columns(T: int, keep: float, chunk: int) -> int:
-  """Static compact width: at most ceil(keep * ceil(T / chunk)) chunks of `chunk` tokens."""
-  return min(T, chunk * pruning.ceil_fraction(-(-T // chunk), keep))
+def kept_chunks(num_chunks, keep: float, keep_last: bool):
+  """ceil(keep * n) chunks, plus the last one with keep_last (ints or int arrays)."""
+  k = pruning.ceil_fraction(num_chunks, keep)
+  if not keep_last:
+    return k
+  return min(num_chunks, k + 1) if isinstance(num_chunks, int) else jnp.minimum(num_chunks, k + 1)
+
+
+def kept_columns(T: int, keep: float, chunk: int, keep_last: bool) -> int:
+  """Static compact width: every kept chunk a whole one of `chunk` tokens."""
+  return min(T, chunk * kept_chunks(-(-T // chunk), keep, keep_last))
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "chunk", "keep_last"))
 def select_chunks(imp_BT, starts_B, *, keep: float, chunk: int = 32, keep_last: bool = True):
-  """[B, T] kept-token mask: the top ceil(keep * n_chunks) chunks by mean importance (plus the last chunk with
-  keep_last, inside the same budget), chunks counted from each row's first real token."""
+  """[B, T] kept-token mask: the top ceil(keep * n_chunks) chunks by mean importance (and the last chunk on top
+  with keep_last), chunks counted from each row's first real token."""
   B, T = imp_BT.shape
   X = -(-T // chunk)
   rel = jnp.arange(T, dtype=jnp.int32)[None, :] - starts_B[:, None]
@@ -137,7 +146,7 @@ def select_chunks(imp_BT, starts_B, *, keep: float, chunk: int = 32, keep_last: 
     score = jnp.where(jnp.arange(X)[None] == n_chunks[:, None] - 1, jnp.inf, score)
   order = jnp.argsort(-score, axis=-1, stable=True)
   rank = jnp.argsort(order, axis=-1)
-  chosen_BX = rank < pruning.ceil_fraction(n_chunks, keep)[:, None]
+  chosen_BX = rank < kept_chunks(n_chunks, keep, keep_last)[:, None]
   return real & jnp.take_along_axis(chosen_BX, jnp.minimum(cid_BT, X - 1), axis=-1)
 
 
@@ -153,7 +162,7 @@ def specprefill_prefill(cfg: ModelConfig, params: Params, draft_cfg: ModelConfig
   kept_BT = select_chunks(imp, starts_B, keep=keep, chunk=chunk, keep_last=keep_last)
   m_B = jnp.sum(kept_BT, axis=-1, dtype=jnp.int32)
   _, _, pos_BT = pruning._prompt_layout(tokens_BT, starts_B)
-  idx_BC, valid_BC = pruning._select(jnp.where(kept_BT, 0.0, -jnp.inf), m_B, kept_columns(T, keep, chunk))
+  idx_BC, valid_BC = pruning._select(jnp.where(kept_BT, 0.0, -jnp.inf), m_B, kept_columns(T, keep, chunk, keep_last))
   pos_BC = jnp.where(valid_BC, pruning._take(pos_BT, idx_BC), -1)
   x_BCD, ks, vs, _ = pruning._run_layers(cfg, params, 0, cfg.num_layers, params.embed[pruning._take(tokens_BT, idx_BC)],
                                          pos_BC, valid_BC, probe_from=cfg.num_layers)
@@ -165,7 +174,7 @@ def kept_tokens(prompt_len: int, keep: float, chunk: int = 32, keep_last: bool =
   else the most it can be (whole chunks)."""
   n = prompt_len
   X = -(-n // chunk)
-  kc = pruning.ceil_fraction(X, keep)
+  kc = kept_chunks(X, keep, keep_last)
   return min(n, chunk * (kc - 1) + (n - chunk * (X - 1))) if keep_last else min(n, chunk * kc)
 
 

@@ -15,8 +15,8 @@ from kvp_jax.models.config import ModelConfig, tiny_config
 from kvp_jax.ttft import method as ttft
 
 _logits = jax.jit(decoder.logits, static_argnums=0)
-T, MAX_LEN = 72, 80
-START = 20  # row 1's left padding: rows of 72 and 52 tokens, 3 and 2 chunks of 32
+T, MAX_LEN = 136, 144
+START = 40  # row 1's left padding: rows of 136 and 96 tokens, 5 and 3 chunks of 32
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_keep_one_is_base(setup):
 def test_base_sees_kept_tokens_at_original_positions(setup, keep_last):
   cfg, base, dcfg, draft, tokens, starts = setup
   imp = specprefill.token_importance(dcfg, draft, tokens, starts)
-  kept = np.asarray(specprefill.select_chunks(imp, starts, keep=0.5, keep_last=keep_last))
-  m = specprefill.specprefill_method(cfg, base, dcfg, draft, 0.5, "draft", keep_last=keep_last)
+  kept = np.asarray(specprefill.select_chunks(imp, starts, keep=0.25, keep_last=keep_last))
+  m = specprefill.specprefill_method(cfg, base, dcfg, draft, 0.25, "draft", keep_last=keep_last)
   logits, state = m.prefill(tokens, starts, MAX_LEN)
   nxt = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
   logits2, _ = m.step(nxt, state)
@@ -50,8 +50,8 @@ def test_base_sees_kept_tokens_at_original_positions(setup, keep_last):
     n = T - int(starts[b])
     idx = np.nonzero(kept[b])[0]
     rel = idx - int(starts[b])
-    # whole 32-token chunks from the row's first token; ceil(0.5 * 3 or 2 chunks) = 2 or 1 of them
-    assert len(set(rel // 32)) == 2 - b
+    # whole 32-token chunks from the row's first token: ceil(0.25 * 5 or 3 chunks) = 2 or 1, and the last one
+    assert len(set(rel // 32)) == (2 - b) + keep_last
     assert all(((rel // 32) == c).sum() == min(32, n - 32 * c) for c in set(rel // 32))
     if keep_last:
       assert (n - 1) // 32 in set(rel // 32)
@@ -113,10 +113,10 @@ def test_padding_changes_nothing(setup):
   solo = jnp.concatenate([jnp.zeros(START, jnp.int32), tokens[0, START:]])
   batch = jnp.stack([solo, jnp.where(jnp.arange(T) < START, 9, solo)])
   logits, _ = specprefill.specprefill_prefill(cfg, base, dcfg, draft, batch, jnp.array([START, START]), MAX_LEN,
-                                              keep=0.5)
+                                              keep=0.25)
   np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
   short, _ = specprefill.specprefill_prefill(cfg, base, dcfg, draft, tokens[:1, START:], jnp.zeros(1, jnp.int32),
-                                             MAX_LEN - START, keep=0.5)
+                                             MAX_LEN - START, keep=0.25)
   np.testing.assert_allclose(logits[0], short[0], atol=1e-5)
 
 
@@ -131,4 +131,5 @@ def test_flops_match_xla_cost_analysis():
   ca = c.cost_analysis()
   xla = float((ca[0] if isinstance(ca, list) else ca)["flops"])
   assert xla == pytest.approx(specprefill.specprefill_flops(cfg, dcfg, 256, 0.25), rel=0.1)
-  assert specprefill.kept_tokens(100, 0.5) == 32 + 4 and specprefill.kept_tokens(100, 0.5, keep_last=False) == 64
+  assert specprefill.kept_tokens(100, 0.5) == 64 + 4 and specprefill.kept_tokens(100, 0.5, keep_last=False) == 64
+  assert specprefill.kept_tokens(100, 0.75) == specprefill.kept_tokens(100, 1.0) == 100
