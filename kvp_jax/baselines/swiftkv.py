@@ -13,6 +13,8 @@ As their code does it
   train. KL(teacher || student) of the logits at temperature T (2), times T^2, averaged over all B*T positions
   with masked ones counting zero (as theirs: torch.mean of the masked KL), plus MSE (weight 1) between the
   student's and the teacher's input of the last decoder layer (HF `hidden_states[-2]`), over every token.
+  The mask is the batch's loss weights (padding and, with --qa_context_loss=false, QA contexts out); theirs
+  keeps assistant turns, marked on input tokens (one position off the predictions they weigh).
 - Keys take the base layer's key norm (Qwen3, which they do not ship) and RoPE at the token's position.
 Not kept: AcrossKV (every shipped config leaves it off), their vLLM paging, gradient checkpointing.
 
@@ -32,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from kvp_jax.models import attention, checkpoints, decoder, flops, hf_checkpoint
-from kvp_jax.models import params as P
 from kvp_jax.models import cache as kv_cache
+from kvp_jax.models import params as P
 from kvp_jax.models.cache import KVCache
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.models.layers import dense, rms_norm
