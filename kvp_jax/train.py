@@ -62,7 +62,7 @@ flags.DEFINE_float("qk_weight", 0.0, "Weight of the query-key similarity loss (0
 flags.DEFINE_enum("attention_mode", "corenet", ["corenet", "aligned"], "How base queries see predicted KV in training.")
 # SwiftKV (baselines/swiftkv.py); their recipe also has --weight_decay=0 --b2=0.999
 flags.DEFINE_float("swiftkv_cutoff", 0.5, "swiftkv: fraction of the base's layers every prompt token runs (k = "
-                   "round(f * L); theirs: 0.5 for Llama-3.1, 0.75 for Qwen2.5).")
+                   "f * L rounded; theirs: 0.5 for Llama-3.1, 0.75 for Qwen2.5).")
 flags.DEFINE_float("swiftkv_temperature", 2.0, "swiftkv: temperature of the logits distillation (times T^2).")
 flags.DEFINE_float("swiftkv_hidden_weight", 1.0, "swiftkv: weight of the MSE on the last decoder layer's input.")
 # optimisation

@@ -64,8 +64,8 @@ def cutoff(cfg: ModelConfig, skv: SwiftKVParams) -> int:
 
 
 def cutoff_layers(num_layers: int, fraction: float) -> int:
-  """k = round(fraction * L), at least 1 (their Llama configs: 0.5; Qwen2.5: 0.75)."""
-  k = round(fraction * num_layers)
+  """k = fraction * L rounded half up (their Llama configs: 0.5; Qwen2.5: 0.75)."""
+  k = int(fraction * num_layers + 0.5)
   if not 0.0 < fraction <= 1.0 or not 1 <= k <= num_layers:
     raise ValueError(f"SwiftKV cutoff fraction {fraction} gives k={k} of {num_layers} layers; it must keep "
                      "between 1 and all layers")
