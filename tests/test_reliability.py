@@ -168,6 +168,17 @@ def _damage(f: Fx):
   reversed_docs = [json.loads(l)["text"][::-1] for l in f.corpus.read_text().splitlines()]
   _random_hf(bad / "aux_othertok", 300, tok_lib.train_tokenizer(reversed_docs, 300))
   _random_hf(bad / "base_3layers", 300, num_layers=3)
+  # GGUF files as llama.cpp writes them (tests/gguf_writer.py): truncated, a foreign architecture, a quant
+  # type gguf cannot dequantize, a NaN weight
+  from gguf_writer import Q, write_gguf
+  cfg = ModelConfig.from_dict({"vocab_size": 64, **TINY})
+  params = P.init(cfg, jax.random.PRNGKey(4))
+  write_gguf(bad / "m.gguf", cfg, params)
+  raw = (bad / "m.gguf").read_bytes()
+  (bad / "truncated.gguf").write_bytes(raw[:int(len(raw) * 0.6)])
+  write_gguf(bad / "gemma.gguf", cfg, params, arch="gemma2")
+  write_gguf(bad / "q81.gguf", cfg, params, Q.Q8_1)
+  write_gguf(bad / "nan.gguf", cfg, dataclasses.replace(params, final_norm=params.final_norm.at[5].set(jnp.nan)))
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -336,6 +347,14 @@ ROWS = [
         ("tensor 'model.layers.1.mlp.up_proj.weight'", "holds NaN values")),
     Row("Inf weight", "corrupt", None, lambda f: kvp_jax.load_pretrained(f.bad / "hf_inf"),
         ("tensor 'model.embed_tokens.weight'", "holds infinite values")),
+    Row("truncated GGUF", "corrupt", None, lambda f: kvp_jax.load_pretrained(f.bad / "truncated.gguf"),
+        ("truncated.gguf as GGUF", "the file is truncated")),
+    Row("GGUF of an unsupported architecture", "corrupt", None, lambda f: kvp_jax.load_pretrained(f.bad / "gemma.gguf"),
+        "unsupported GGUF architecture 'gemma2'"),
+    Row("GGUF of an unsupported quant type", "corrupt", None, lambda f: kvp_jax.load_pretrained(f.bad / "q81.gguf"),
+        "is stored as Q8_1, which gguf"),
+    Row("GGUF with a NaN weight", "corrupt", None, lambda f: kvp_jax.load_pretrained(f.bad / "nan.gguf"),
+        ("tensor 'output_norm.weight'", "holds NaN values")),
     Row("malformed config.json", "corrupt", None, lambda f: kvp_jax.load_pretrained(f.bad / "hf_badjson"),
         "config.json is malformed"),
     Row("unsupported architecture", "corrupt", None, lambda f: kvp_jax.load_pretrained(f.bad / "hf_arch"),
