@@ -268,6 +268,14 @@ def _unchanged(path: Path, call):
     assert snap() == before, f"{path} was changed by a call that failed"
 
 
+def _nothing_at(workdir: Path, call):
+  """Runs `call(workdir)` for a workdir that does not exist, then checks that it still does not."""
+  try:
+    return call(workdir)
+  finally:
+    assert not workdir.exists(), f"a failed call left {sorted(p.name for p in workdir.rglob('*'))} in {workdir}"
+
+
 ROWS = [
     # --- flags: refused while the command line is parsed
     Row("unknown flag", "flags", "train", TRAIN_KVP + ("--no_such_flag=1",), "Unknown command line flag 'no_such_flag'"),
@@ -375,8 +383,8 @@ ROWS = [
         lambda f: inference.build(*kvp_jax.load_model(f.base), aux_models.AuxSpec(kind="c", checkpoint=str(
             f.bad / "aux_vocab280"))), "vocab mismatch: base has 300 tokens, aux 280"),
     Row("aux with another tokenizer of the same size", "mismatch", None,
-        lambda f: _kvp_stage(f, f.fresh("othertok"), aux=aux_models.AuxSpec(kind="c", checkpoint=str(
-            f.bad / "aux_othertok"))), "tokenizer mismatch"),
+        lambda f: _nothing_at(f.fresh("othertok"), lambda wd: _kvp_stage(f, wd, aux=aux_models.AuxSpec(
+            kind="c", checkpoint=str(f.bad / "aux_othertok")))), "tokenizer mismatch"),
     Row("predictor trained for another base", "mismatch", None,
         lambda f: load_kvp(f.kvp, base_params=kvp_jax.load_model(f.bad / "base_3layers")[1]),
         "the base params do not fit the base"),

@@ -32,10 +32,10 @@ def load_kvp(workdir, base_params=None, dtype=None):
   got = {k: tuple(v.shape) for k, v in _named(base_params).items()}
   if want != got:
     k = next(k for k in sorted(want.keys() | got.keys()) if want.get(k) != got.get(k))
+    shape = lambda d: list(d[k]) if k in d else "absent"
     raise hf_checkpoint.CheckpointError(
-        f"the base params do not fit the base {p} was trained for: {k} is {list(got[k]) if k in got else 'absent'}, "
-        f"{list(want[k]) if k in want else 'absent'} expected; pass the base it was trained against "
-        f"({meta.get('base_checkpoint')})")
+        f"the base params do not fit the base {p} was trained for ({k}: {shape(got)} given, {shape(want)} there); "
+        f"pass the base it was trained against ({meta.get('base_checkpoint')})")
   ck = Checkpointer(p, save_every=1)
   if ck.latest_step() is None:
     raise hf_checkpoint.CheckpointError(f"{p} has no finished checkpoint yet; train it first (or wait)")
