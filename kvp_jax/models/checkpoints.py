@@ -2,10 +2,12 @@
 
 A workdir holds `checkpoints/<step>/` (orbax writes each step to a temporary directory and renames it when
 complete, so a crash never leaves a half-written checkpoint that looks valid), plus a JSON description of the
-model(s): `model_config.json` for a pretrain run, `kvp_config.json` for a kvp run.
+model(s): `model_config.json` for a pretrain run, `kvp_config.json` for a kvp run, `swiftkv_config.json` for a
+swiftkv run.
 Each checkpoint holds three items: `params`, `opt` (optimizer state and step) and `data` (the grain iterator's
 state), so inference restores `params` alone. `load_model` reads a pretrain workdir or a Hugging Face directory;
-a kvp workdir (aux + predictor) is read by kvp_jax/kvp/checkpoints.py, one floor up.
+a kvp workdir (aux + predictor) is read by kvp_jax/kvp/checkpoints.py, a swiftkv one by
+kvp_jax/baselines/swiftkv.py.
 
 Every step also records, in orbax's per-step metadata, the versions that wrote it and the run's configuration
 (`provenance`, `step_metadata`). Before a restore the saved arrays' shapes are compared with the ones asked
@@ -31,6 +33,9 @@ from kvp_jax.models.config import ModelConfig
 
 MODEL_CONFIG = "model_config.json"
 KVP_CONFIG = "kvp_config.json"
+SWIFTKV_CONFIG = "swiftkv_config.json"
+# What each stage's workdir holds, so one stage never trains into another's workdir.
+WORKDIR_KINDS = {MODEL_CONFIG: "a pretrain workdir", KVP_CONFIG: "a kvp workdir", SWIFTKV_CONFIG: "a swiftkv workdir"}
 # Bumped when what a workdir's checkpoints hold changes incompatibly; a newer format is refused on load.
 FORMAT = 1
 _VERSIONED = ("kvp_jax", "jax", "jaxlib", "orbax-checkpoint", "grain", "optax")
@@ -177,17 +182,16 @@ def read_json(path: Path) -> Any:
 def check_workdir(workdir, config_file: str, config: dict | None = None, compare: tuple[str, ...] | None = None):
   """Refuses a workdir made by the other stage, or one whose checkpoints belong to another configuration.
 
-  config_file: MODEL_CONFIG (pretrain) or KVP_CONFIG (kvp); config: what this run is about to write there
+  config_file: one of WORKDIR_KINDS (MODEL_CONFIG for pretrain, ...); config: what this run is about to write there
   (None: check the kind only); compare: the keys that must match a config already there (None: all). Called
   before anything is written, so a wrong --workdir is never overwritten.
   """
   p = Path(workdir)
   if p.exists() and not p.is_dir():
     raise ValueError(f"--workdir {p} is a file; pass a directory")
-  other = KVP_CONFIG if config_file == MODEL_CONFIG else MODEL_CONFIG
-  if (p / other).exists():
-    kind = "a kvp workdir" if other == KVP_CONFIG else "a pretrain workdir"
-    raise hf_checkpoint.CheckpointError(f"{p} is {kind} (it holds {other}); pass a new --workdir for this stage")
+  for other, kind in WORKDIR_KINDS.items():
+    if other != config_file and (p / other).exists():
+      raise hf_checkpoint.CheckpointError(f"{p} is {kind} (it holds {other}); pass a new --workdir for this stage")
   if config is None or not (p / config_file).exists():
     return
   if not any(c.name.isdigit() for c in (p / "checkpoints").glob("*")):
@@ -208,6 +212,18 @@ def first_difference(a, b, name: str) -> str | None:
         return d
     return None
   return None if a == b else f"{name} was {json.dumps(a)}, now {json.dumps(b)}"
+
+
+def check_base(cfg: ModelConfig, base_params, workdir, base_checkpoint):
+  """Refuses base params that are not the shape of the base `cfg` a kvp or swiftkv workdir was trained against
+  (one line naming the first tensor that differs, instead of a shape error deep inside a forward pass)."""
+  want, got = _shapes(P.abstract(cfg)), _shapes(base_params)
+  if want != got:
+    k = next(k for k in sorted(want.keys() | got.keys()) if want.get(k) != got.get(k))
+    shape = lambda d: list(d[k]) if k in d else "absent"
+    raise hf_checkpoint.CheckpointError(
+        f"the base params do not fit the base {workdir} was trained for ({k}: {shape(got)} given, {shape(want)} "
+        f"there); pass the base it was trained against ({base_checkpoint})")
 
 
 def tokenizer_dir(checkpoint: str | Path) -> Path:
@@ -232,6 +248,11 @@ def load_model(path, dtype=None) -> tuple[ModelConfig, P.Params]:
     finally:
       ck.close()
     return cfg, P.cast(params, dtype)
+  # a model is expected here: a workdir of the kvp or swiftkv stage holds additions to its base, not a model
   if (p / KVP_CONFIG).exists():
-    raise hf_checkpoint.CheckpointError(f"{p} is a kvp workdir; load it with kvp_jax.load_kvp")
+    raise hf_checkpoint.CheckpointError(f"{p} is a kvp workdir, not a model; pass a pretrain workdir or Hugging Face "
+                                        "directory (load a kvp workdir with kvp_jax.load_kvp)")
+  if (p / SWIFTKV_CONFIG).exists():
+    raise hf_checkpoint.CheckpointError(f"{p} is a swiftkv workdir, not a model; pass a pretrain workdir or Hugging "
+                                        "Face directory (load a swiftkv workdir with baselines.swiftkv.load_swiftkv)")
   return pretrained.load_pretrained(path, dtype)
