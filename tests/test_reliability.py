@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 
 import kvp_jax
+from kvp_jax.baselines import swiftkv
 from kvp_jax.data import qa_synthetic
 from kvp_jax.data import tokenizer as tok_lib
 from kvp_jax.kvp import aux_models, inference, losses
@@ -62,6 +63,7 @@ class Fx:
   corpus: Path
   base: Path  # pretrain workdir
   kvp: Path  # kvp workdir against `base`
+  swiftkv: Path  # swiftkv workdir against `base`
   hf: Path  # `base` as a Hugging Face directory, with its tokenizer
   bad: Path  # damaged copies, one per name (see _damage)
 
@@ -97,11 +99,13 @@ def fx(tmp_path_factory) -> Fx:
   stages.kvp(workdir=root / "kvp", base_checkpoint=str(root / "base"), aux=aux_models.AuxSpec(kind="lp"),
              predictor_kind="kv", predictor_init="random", layer_map=None, loss=losses.KVPLossConfig(),
              freeze_aux=False, **common)
+  stages.swiftkv(workdir=root / "swiftkv", base_checkpoint=str(root / "base"), cutoff=0.5,
+                 loss=swiftkv.SwiftKVLossConfig(), **common)
   cfg, params = checkpoints.load_model(root / "base")
   hf = hf_checkpoint.save_pretrained(cfg, params, root / "hf")
   for f in (root / "base" / "tokenizer").iterdir():
     shutil.copy(f, hf)
-  f = Fx(root, corpus, root / "base", root / "kvp", hf, root / "bad")
+  f = Fx(root, corpus, root / "base", root / "kvp", root / "swiftkv", hf, root / "bad")
   _damage(f)
   return f
 
@@ -214,12 +218,14 @@ class Row:
   id: str
   category: str  # flags | paths | corrupt | mismatch | runtime
   main: str | None  # cli rows: train / eval / bench / quickstart / demo; None for an api row
-  given: tuple[str, ...] | Callable[[Fx], object]  # flags ({base}, {kvp}, {bad}, {corpus}, {out}) or a call
+  given: tuple[str, ...] | Callable[[Fx], object]  # flags ({base}, {kvp}, {swiftkv}, {bad}, {corpus}, {out}) or a call
   expect: str | tuple[str, ...]  # in the one-line message (every one of them)
   env: tuple[tuple[str, str], ...] = ()
 
 
 TRAIN_KVP = ("--stage=kvp", "--base_checkpoint={base}", "--data={corpus}", "--seq_len=16", "--batch_size=2",
+             "--steps=2", "--workdir={out}")
+TRAIN_SKV = ("--stage=swiftkv", "--base_checkpoint={base}", "--data={corpus}", "--seq_len=16", "--batch_size=2",
              "--steps=2", "--workdir={out}")
 TRAIN_PRE = ("--stage=pretrain", f"--model={TINY_JSON}", "--tokenizer={base}", "--data={corpus}", "--seq_len=16",
              "--batch_size=2", "--steps=2", "--workdir={out}")
@@ -255,6 +261,12 @@ def _kvp_stage(f: Fx, workdir, base=None, aux=None, **kw):
                     predictor_kind="kv", predictor_init="random", layer_map=None, loss=losses.KVPLossConfig(),
                     freeze_aux=False, data=_data(f.corpus), steps=4, optim=OPTIM, mesh=sharding.make_mesh(1, 1),
                     save_every=2, log_every=1, **kw)
+
+
+def _swiftkv_stage(f: Fx, workdir, **data_kw):
+  return stages.swiftkv(workdir=workdir, base_checkpoint=str(f.base), cutoff=0.5, loss=swiftkv.SwiftKVLossConfig(),
+                        data=_data(f.corpus, **data_kw), steps=4, optim=OPTIM,
+                        mesh=sharding.make_mesh(1, 1), save_every=2, log_every=1)
 
 
 def _unchanged(path: Path, call):
@@ -303,6 +315,19 @@ ROWS = [
     Row("tokenizer train:VOCAB not a number", "flags", "train",
         tuple(a for a in TRAIN_PRE if not a.startswith("--tokenizer")) + ("--tokenizer=train:abc",),
         "--tokenizer=train:VOCAB needs an integer VOCAB"),
+    Row("swiftkv: cutoff 0", "flags", "train", TRAIN_SKV + ("--swiftkv_cutoff=0",),
+        "flag --swiftkv_cutoff=0.0: must be in (0, 1)"),
+    Row("swiftkv: cutoff 1 (nothing to train)", "flags", "train", TRAIN_SKV + ("--swiftkv_cutoff=1",),
+        "SwiftKV has nothing to train"),
+    Row("swiftkv: temperature 0", "flags", "train", TRAIN_SKV + ("--swiftkv_temperature=0",),
+        "flag --swiftkv_temperature=0.0: must be a finite number > 0"),
+    Row("b2 = 1", "flags", "train", TRAIN_SKV + ("--b2=1",), "flag --b2=1.0: must be in [0, 1)"),
+    Row("--stage=swiftkv without a base", "flags", "train",
+        tuple(a for a in TRAIN_SKV if not a.startswith("--base_checkpoint")), "--stage=swiftkv need --base_checkpoint"),
+    Row("a swiftkv flag without --stage=swiftkv", "flags", "train", TRAIN_KVP + ("--swiftkv_cutoff=0.25",),
+        "--swiftkv_cutoff is read by --stage=swiftkv only, and this run is --stage=kvp"),
+    Row("a kvp flag with --stage=swiftkv", "flags", "train", TRAIN_SKV + ("--aux=c",),
+        "--aux is read by --stage=kvp only, and this run is --stage=swiftkv"),
     Row("eval: unparsable method spec", "flags", "eval", EVAL + ("--method=nonsense",), "unknown method 'nonsense'"),
     Row("eval: unknown method setting", "flags", "eval", EVAL + ("--method=random_prune;kep=0.5",),
         "unexpected keyword argument 'kep'"),
@@ -310,6 +335,16 @@ ROWS = [
         "schedule layers [5] must increase strictly within [1, 1]"),
     Row("eval: negative example count", "flags", "eval", EVAL + ("--num_qa=-1",), "flag --num_qa=-1: must be >= 0"),
     Row("eval: one value for MIN,MAX", "flags", "eval", EVAL + ("--qa_num_facts=8",), "must be MIN,MAX"),
+    Row("eval: GemFilter keeping 0 tokens", "flags", "eval", EVAL + ("--method=gemfilter;topk=0",),
+        "GemFilter's topk (tokens kept) must be an integer >= 1, got 0"),
+    Row("eval: GemFilter even pool kernel", "flags", "eval", EVAL + ("--method=gemfilter;topk=8;pool_kernel=4",),
+        "GemFilter's pool_kernel must be an odd integer >= 1"),
+    Row("eval: SpecPrefill keep fraction 0", "flags", "eval", EVAL + ("--method=specprefill:base@{base};keep=0",),
+        "SpecPrefill's keep (fraction of chunks kept) must be in (0, 1], got 0"),
+    Row("eval: SpecPrefill chunk 0", "flags", "eval", EVAL + ("--method=specprefill:base@{base};keep=0.5;chunk=0",),
+        "SpecPrefill's chunk must be an integer >= 1, got 0"),
+    Row("eval: SwiftKV cutoff beyond the base's layers", "flags", "eval", EVAL + ("--method=swiftkv;cutoff=2",),
+        "SwiftKV cutoff fraction 2.0 gives k=4 of 2 layers"),
     Row("bench: zero runs", "flags", "bench", BENCH + ("--runs=0",), "flag --runs=0: must be >= 1"),
     Row("bench: unknown dtype", "flags", "bench", BENCH + ("--dtype=int8",), "flag --dtype=int8: value should be one of"),
     Row("bench: prompt length not a number", "flags", "bench", BENCH + ("--prompt_lens=abc",),
@@ -319,6 +354,19 @@ ROWS = [
     Row("bench: base_model not JSON", "flags", "bench",
         tuple(a for a in BENCH if not a.startswith("--base_checkpoint")) + ("--base_model={x",),
         "--base_model is not valid JSON"),
+    Row("bench: SwiftKV cutoff > 1", "flags", "bench", BENCH + ("--swiftkv_cutoffs=1.5",),
+        "flag --swiftkv_cutoffs=['1.5']: must be comma-separated numbers in (0.0, 1.0]"),
+    Row("bench: SwiftKV cutoff below one layer", "flags", "bench", BENCH + ("--swiftkv_cutoffs=0.1",),
+        "SwiftKV cutoff fraction 0.1 gives k=0 of 2 layers"),
+    Row("bench: GemFilter keeping 0 tokens", "flags", "bench", BENCH + ("--gemfilter_topk=0",),
+        "flag --gemfilter_topk=['0']: must be comma-separated integers >= 1"),
+    Row("bench: GemFilter layer outside the base", "flags", "bench", BENCH + ("--gemfilter_layer=5",),
+        "GemFilter's selection layer 5 is not a layer of this 2-layer base"),
+    Row("bench: unknown SpecPrefill draft", "flags", "bench", BENCH + ("--specprefill_draft=nope",),
+        "specprefill draft pairing 'nope' not among ['lp0.5']; name one"),
+    Row("bench: SpecPrefill without a draft", "flags", "bench",
+        tuple(a for a in BENCH if not a.startswith("--lp_fractions")) + ("--lp_fractions=", "--specprefill_keep=0.3"),
+        "--specprefill_keep needs a draft model"),
     Row("quickstart: unknown preset", "flags", "quickstart", ("--workdir={out}", "--preset=nope"),
         "flag --preset=nope: value should be one of"),
     Row("demo: temperature 0", "flags", "demo", ("--sample", "--temperature=0"),
@@ -328,6 +376,12 @@ ROWS = [
     Row("read-only workdir", "paths", "train", TRAIN_KVP + ("--workdir={readonly}/run",), "cannot write to --workdir"),
     Row("kvp workdir passed as the base", "paths", "train", TRAIN_KVP + ("--base_checkpoint={kvp}",),
         "is a kvp workdir"),
+    Row("swiftkv workdir passed as the base", "paths", "train", TRAIN_KVP + ("--base_checkpoint={swiftkv}",),
+        "is a swiftkv workdir, not a model"),
+    Row("kvp workdir passed as SwiftKV's base", "paths", "train", TRAIN_SKV + ("--base_checkpoint={kvp}",),
+        "is a kvp workdir, not a model"),
+    Row("eval: swiftkv@ a kvp workdir", "paths", "eval", EVAL + ("--method=swiftkv@{kvp}",),
+        "no swiftkv_config.json in {kvp}; pass a workdir made by --stage=swiftkv"),
     Row("missing base checkpoint", "paths", "train", TRAIN_KVP + ("--base_checkpoint=/nonexistent/base",),
         "no checkpoint directory at /nonexistent/base"),
     Row("missing corpus", "paths", "train", TRAIN_KVP + ("--data=/nonexistent/docs.jsonl",),
@@ -340,6 +394,11 @@ ROWS = [
         lambda f: _unchanged(f.kvp, lambda: _pretrain(f, f.kvp)), "is a kvp workdir (it holds kvp_config.json)"),
     Row("pretrain workdir reused for kvp", "paths", None,
         lambda f: _unchanged(f.base, lambda: _kvp_stage(f, f.base)), "is a pretrain workdir (it holds model_config.json)"),
+    Row("kvp workdir reused for swiftkv", "paths", None,
+        lambda f: _unchanged(f.kvp, lambda: _swiftkv_stage(f, f.kvp)), "is a kvp workdir (it holds kvp_config.json)"),
+    Row("swiftkv workdir reused for kvp", "paths", None,
+        lambda f: _unchanged(f.swiftkv, lambda: _kvp_stage(f, f.swiftkv)),
+        "is a swiftkv workdir (it holds swiftkv_config.json)"),
     Row("HF directory without weights", "paths", None, lambda f: kvp_jax.load_pretrained(f.bad / "hf_noweights"),
         "no *.safetensors file"),
     Row(".bin-only directory", "paths", None, lambda f: kvp_jax.load_pretrained(f.bad / "hf_bin"),
@@ -388,6 +447,11 @@ ROWS = [
     Row("predictor trained for another base", "mismatch", None,
         lambda f: load_kvp(f.kvp, base_params=kvp_jax.load_model(f.bad / "base_3layers")[1]),
         "the base params do not fit the base"),
+    Row("swiftkv trained for another base", "mismatch", None,
+        lambda f: swiftkv.load_swiftkv(f.swiftkv, base_params=kvp_jax.load_model(f.bad / "base_3layers")[1]),
+        "the base params do not fit the base"),
+    Row("resume swiftkv with other data settings", "mismatch", None,
+        lambda f: _unchanged(f.swiftkv, lambda: _swiftkv_stage(f, f.swiftkv, seed=7)), "was written by a run with other settings (config.data.seed was 0, now 7)"),
     Row("layer map of the wrong length", "mismatch", None,
         lambda f: inference.build(*kvp_jax.load_model(f.base), layer_map=(0,)), "layer map has 1 entries"),
     Row("mesh the devices cannot form", "mismatch", "train", TRAIN_KVP + ("--mesh_data=4",),
@@ -441,7 +505,8 @@ def test_the_matrix_has_at_least_30_rows_in_every_category():
 
 def _run_cli(row: Row, f: Fx, readonly: Path) -> dict:
   out = f.fresh(row.id.replace(" ", "_").replace("/", "_"))
-  subs = {"{base}": str(f.base), "{kvp}": str(f.kvp), "{bad}": str(f.bad), "{corpus}": str(f.corpus),
+  subs = {"{base}": str(f.base), "{kvp}": str(f.kvp), "{swiftkv}": str(f.swiftkv), "{bad}": str(f.bad),
+          "{corpus}": str(f.corpus),
           "{out}": str(out), "{readonly}": str(readonly)}
   args = []
   for a in row.given:
@@ -624,6 +689,12 @@ def test_checkpoints_record_versions_and_config(fx):
   assert meta["versions"]["jax"] == jax.__version__ and meta["versions"]["orbax-checkpoint"]
   assert meta["config"]["stage"] == "kvp" and meta["config"]["kvp"]["base"]["hidden_size"] == TINY["hidden_size"]
   assert meta["config"]["data"]["seq_len"] == 16 and meta["info"]["optim"]["lr"] == OPTIM.lr
+  ckpt = checkpoints.Checkpointer(fx.swiftkv, save_every=1)
+  meta = ckpt.step_metadata(ckpt.latest_step())
+  ckpt.close()
+  assert meta["format"] == checkpoints.FORMAT and meta["versions"]["jax"] == jax.__version__
+  assert meta["config"]["stage"] == "swiftkv" and meta["config"]["cutoff_layers"] == 1
+  assert meta["config"]["base"]["hidden_size"] == TINY["hidden_size"] and meta["info"]["cutoff"] == 0.5
 
 
 def test_metrics_survive_a_torn_last_line(tmp_path):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from kvp_jax.kvp import inference, predictor
 from kvp_jax.models import hf_checkpoint
 from kvp_jax.models import params as P
-from kvp_jax.models.checkpoints import KVP_CONFIG, Checkpointer, load_model, read_json
+from kvp_jax.models.checkpoints import KVP_CONFIG, Checkpointer, check_base, load_model, read_json
 
 
 def load_kvp(workdir, base_params=None, dtype=None):
@@ -28,14 +28,7 @@ def load_kvp(workdir, base_params=None, dtype=None):
   kcfg = predictor.KVPConfig.from_dict(meta["kvp"])
   if base_params is None:
     _, base_params = load_model(meta["base_checkpoint"], dtype)
-  want = {k: v.shape for k, v in _named(P.abstract(kcfg.base)).items()}
-  got = {k: tuple(v.shape) for k, v in _named(base_params).items()}
-  if want != got:
-    k = next(k for k in sorted(want.keys() | got.keys()) if want.get(k) != got.get(k))
-    shape = lambda d: list(d[k]) if k in d else "absent"
-    raise hf_checkpoint.CheckpointError(
-        f"the base params do not fit the base {p} was trained for ({k}: {shape(got)} given, {shape(want)} there); "
-        f"pass the base it was trained against ({meta.get('base_checkpoint')})")
+  check_base(kcfg.base, base_params, p, meta.get("base_checkpoint"))
   ck = Checkpointer(p, save_every=1)
   if ck.latest_step() is None:
     raise hf_checkpoint.CheckpointError(f"{p} has no finished checkpoint yet; train it first (or wait)")
@@ -48,7 +41,3 @@ def load_kvp(workdir, base_params=None, dtype=None):
     ck.close()
   kp = inference.KVPParams(aux=P.cast(params["aux"], dtype), pred=P.cast(params["pred"], dtype))
   return kcfg, base_params, kp
-
-
-def _named(tree) -> dict:
-  return {jax.tree_util.keystr(k): x for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}

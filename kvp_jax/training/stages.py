@@ -220,28 +220,38 @@ def swiftkv(*, workdir, base_checkpoint: str, cutoff: float, loss: swiftkv_lib.S
             fail_at_step: int | None = None):
   """SwiftKV's self-distillation (baselines/swiftkv.py): the new norm and q/k/v projections of layers >= k train,
   initialised from the base's own; the base is the frozen teacher. `seed` only orders the data."""
+  # Everything that can be wrong with the input is checked before the workdir is written to.
   workdir = Path(workdir)
   if not base_checkpoint:
     raise ValueError("--stage=swiftkv needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
+  _check_run(data, mesh, steps, save_every, log_every)
+  checkpoints.check_workdir(workdir, checkpoints.SWIFTKV_CONFIG)
   base_cfg, base = checkpoints.load_model(base_checkpoint)
   k = swiftkv_lib.cutoff_layers(base_cfg.num_layers, cutoff)
   if k == base_cfg.num_layers:
     raise ValueError(f"--swiftkv_cutoff={cutoff} keeps all {k} layers for every prompt token: SwiftKV would have "
                      "nothing to train; use a cutoff below 1 (theirs: 0.5 for Llama-3.1, 0.75 for Qwen2.5)")
-  workdir.mkdir(parents=True, exist_ok=True)
   texts = texts_for(data)
-  tok = get_tokenizer(str(base_checkpoint), workdir, texts)
+  tok = get_tokenizer(str(base_checkpoint), None, texts)
   _check_vocab(base_cfg, tok, "the base")
-  checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, {
-      "base": base_cfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
-          base_checkpoint).exists() else base_checkpoint,
-      "cutoff": cutoff, "cutoff_layers": k, "loss": dataclasses.asdict(loss)})
+  data_iter = _data_iter(data, texts, tok)
+  meta = {"base": base_cfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
+              base_checkpoint).exists() else base_checkpoint,
+          "cutoff": cutoff, "cutoff_layers": k, "loss": dataclasses.asdict(loss)}
+  checkpoints.check_workdir(workdir, checkpoints.SWIFTKV_CONFIG, meta, compare=("base", "cutoff_layers"))
+  workdir.mkdir(parents=True, exist_ok=True)
+  _keep_tokenizer(tok, workdir)
+  checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, meta)
   skv0 = swiftkv_lib.init_from_base(base_cfg, base, k)  # copies: training never aliases the base
   base_f = jax.tree.map(jnp.asarray, base)  # frozen: closed over, no grads, no optimizer state
   loss_fn = lambda t, batch: swiftkv_lib.swiftkv_loss(base_cfg, loss, t, base_f, batch)
   logging.info("SwiftKV: %d of %d layers run every prompt token; %.2fM new parameters train", k,
                base_cfg.num_layers, P.count(skv0) / 1e6)
   return loop.train(workdir=workdir, loss_fn=loss_fn, init_trainable=lambda: skv0,
-                    logical_axes=swiftkv_lib.logical_axes(skv0), data_iter=_data_iter(data, texts, tok), steps=steps,
+                    logical_axes=swiftkv_lib.logical_axes(skv0), data_iter=data_iter, steps=steps,
                     optim=optim, mesh=mesh, tokens_per_step=data.seq_len * data.batch_size, save_every=save_every,
-                    log_every=log_every, fail_at_step=fail_at_step)
+                    log_every=log_every, fail_at_step=fail_at_step,
+                    run_config={"stage": "swiftkv", "base": base_cfg.to_dict(), "cutoff_layers": k,
+                                "data": dataclasses.asdict(data)},
+                    run_info={"steps": steps, "optim": dataclasses.asdict(optim), "loss": dataclasses.asdict(loss),
+                              "cutoff": cutoff, "base_checkpoint": meta["base_checkpoint"]})
