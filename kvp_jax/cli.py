@@ -10,6 +10,7 @@ the command line, so a wrong value is refused before anything is loaded.
 
 from __future__ import annotations
 
+import logging as pylogging
 import math
 import shutil
 import sys
@@ -53,8 +54,7 @@ def run(main: Callable[[], None], *, outputs: Callable[[], Iterable] = lambda: (
 def _guarded(main, argv, outputs):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpshort)")
-  # orbax logs every step of every save and restore at INFO; keep the log to our own lines.
-  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
+  logging.get_absl_handler().addFilter(_keep_record)
   fresh = [Path(p) for p in outputs() if p and not Path(p).exists()]
   try:
     main()
@@ -72,6 +72,15 @@ def _guarded(main, argv, outputs):
           shutil.rmtree(p, ignore_errors=True)
       fail(_describe(e))
     raise
+
+
+def _keep_record(r: pylogging.LogRecord) -> bool:
+  """Keeps the log to our own lines: orbax logs every step of every save and restore at INFO, and jax's
+  xla_bridge logs its backend probe ("Unable to initialize backend 'tpu'") at INFO on some machines, which would
+  make a bad-input error two lines on stderr. Their warnings and errors still pass."""
+  if "orbax" in r.pathname:
+    return False
+  return r.levelno >= pylogging.WARNING or not ("xla_bridge" in r.pathname or r.name.endswith("xla_bridge"))
 
 
 def _describe(e: Exception) -> str:

@@ -697,6 +697,26 @@ def test_checkpoints_record_versions_and_config(fx):
   assert meta["config"]["base"]["hidden_size"] == TINY["hidden_size"] and meta["info"]["cutoff"] == 0.5
 
 
+def test_the_mains_log_filter_drops_jax_backend_probe_info_but_not_warnings():
+  """cli.run's filter on absl's handler: jax's INFO "Unable to initialize backend 'tpu'" (printed on CI's
+  machine) would make a bad-input error two lines on stderr; its warnings, and our own lines, still pass."""
+  import logging as pylogging
+
+  from jax._src import xla_bridge
+
+  from kvp_jax import cli
+
+  def record(name, path, level):
+    return pylogging.getLogger(name).makeRecord(name, level, path, 1, "Unable to initialize backend 'tpu'", (), None)
+
+  probe = (xla_bridge.logger.name, xla_bridge.__file__)
+  assert not cli._keep_record(record(*probe, pylogging.INFO))
+  assert not cli._keep_record(record(*probe, pylogging.DEBUG))
+  assert cli._keep_record(record(*probe, pylogging.WARNING))
+  assert not cli._keep_record(record("absl", "/x/orbax/checkpoint/manager.py", pylogging.INFO))
+  assert cli._keep_record(record("absl", loop.__file__, pylogging.INFO))
+
+
 def test_metrics_survive_a_torn_last_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-write
