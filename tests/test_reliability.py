@@ -496,11 +496,18 @@ ROWS = [
 ]
 CLI_ROWS = [r for r in ROWS if r.main]
 API_ROWS = [r for r in ROWS if not r.main]
+# Each cli row starts a Python that imports jax (seconds each): the default suite runs one or two per main and
+# category, `-m slow` the rest (`-m ""` all). The api rows are in-process and all run by default.
+FAST_CLI = {"unknown flag", "swiftkv: cutoff 1 (nothing to train)", "eval: SpecPrefill keep fraction 0",
+            "bench: GemFilter layer outside the base", "quickstart: unknown preset", "demo: temperature 0",
+            "kvp workdir passed as the base", "read-only workdir", "mesh the devices cannot form"}
 
 
 def test_the_matrix_has_at_least_30_rows_in_every_category():
   assert len(ROWS) >= 30 and len({r.id for r in ROWS}) == len(ROWS)
   assert {r.category for r in ROWS} == {"flags", "paths", "corrupt", "mismatch", "runtime"}
+  assert FAST_CLI <= {r.id for r in CLI_ROWS} and {r.main for r in CLI_ROWS if r.id in FAST_CLI} == {
+      r.main for r in CLI_ROWS}
 
 
 def _run_cli(row: Row, f: Fx, readonly: Path) -> dict:
@@ -529,21 +536,25 @@ def _expected(row: Row) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def cli_results(fx):
-  """Every cli row, run four at a time (each in its own directory: they share no output)."""
+def cli_results(fx, request):
+  """The cli rows this session runs (after -m / -k selection), four at a time (each in its own directory:
+  they share no output)."""
+  chosen = {item.callspec.params["row"].id for item in request.session.items
+            if getattr(item, "originalname", None) == "test_cli_row"}
   readonly = fx.root / "readonly"
   can = _unwritable(readonly)
   try:
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
       futures = {r.id: ex.submit(_run_cli, r, fx, readonly) for r in CLI_ROWS
-                 if can or "readonly" not in " ".join(r.given)}
+                 if r.id in chosen and (can or "readonly" not in " ".join(r.given))}
       results = {k: v.result() for k, v in futures.items()}
   finally:
     _writable_again(readonly)
   return results
 
 
-@pytest.mark.parametrize("row", CLI_ROWS, ids=[r.id for r in CLI_ROWS])
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id, marks=() if r.id in FAST_CLI else pytest.mark.slow)
+                                 for r in CLI_ROWS])
 def test_cli_row(row, cli_results):
   if row.id not in cli_results:
     pytest.skip("cannot make a directory unwritable here (root without chattr)")
@@ -601,6 +612,50 @@ def _params(workdir: Path) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(checkpoints.load_model(workdir)[1])]
 
 
+def _pretrain_small(f: Fx, workdir: Path, steps: int, save_every: int = 100, **optim):
+  """In process, what _train_flags runs in a subprocess (the crash model, logging every step)."""
+  return stages.pretrain(workdir=workdir, model=json.loads(CRASH_MODEL), init_checkpoint=None, lp_keep=None,
+                         tokenizer=str(f.base), data=_data(f.corpus), steps=steps, z_loss=1e-4,
+                         optim=dataclasses.replace(OPTIM, **optim), mesh=sharding.make_mesh(1, 1),
+                         save_every=save_every, log_every=1)
+
+
+def test_sigterm_in_process_checkpoints_the_step_and_the_resume_equals_the_straight_run(fx, tmp_path, monkeypatch):
+  """The default suite's twin of the subprocess test below: the same handler and a real SIGTERM, sent to this
+  process while it writes step 3's metrics row."""
+  write = loop.MetricsWriter.write
+
+  def write_then_signal(self, row):
+    write(self, row)
+    if row["step"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(loop.MetricsWriter, "write", write_then_signal)
+  wd = tmp_path / "run"
+  with pytest.raises(loop.Preempted, match="at step 4") as e:  # step 4 was dispatched when the signal came
+    _pretrain_small(fx, wd, steps=6)
+  assert str(wd / "checkpoints" / "4") in str(e.value)
+  assert signal.getsignal(signal.SIGTERM) is not loop._SIGTERM._handle  # the previous handler is back
+  monkeypatch.setattr(loop.MetricsWriter, "write", write)
+  _pretrain_small(fx, wd, steps=6)
+  _pretrain_small(fx, tmp_path / "straight", steps=6)
+  assert [r["step"] for r in _metrics(wd)] == list(range(1, 7))
+  assert _metrics(wd) == _metrics(tmp_path / "straight")
+  for a, b in zip(_params(wd), _params(tmp_path / "straight"), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_in_process_raises_diverged_naming_the_step_and_keeps_the_last_good_checkpoint(fx, tmp_path):
+  wd = tmp_path / "run"
+  # lr 1e30: the first update is finite but huge; the next step's loss or gradients overflow
+  with pytest.raises(loop.Diverged) as e:
+    _pretrain_small(fx, wd, steps=6, save_every=1, lr=1e30, warmup_steps=0)
+  msg = str(e.value)
+  assert "\n" not in msg and "at step 2;" in msg and "the last good checkpoint, step 1, is kept" in msg, msg
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["1"]
+  assert all(np.isfinite(x).all() for x in _params(wd))
+
+
 @pytest.fixture(scope="module")
 def straight_run(fx, tmp_path_factory):
   """The uninterrupted run the interrupted ones must equal, started in the background."""
@@ -615,6 +670,7 @@ def _finished(run) -> Path:
   return wd
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_the_rerun_equals_the_straight_run(fx, straight_run, tmp_path):
   wd = tmp_path / "run"
   mark = tmp_path / "paused"
@@ -639,6 +695,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_equals_the_straight_
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_kill_9_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(fx, straight_run, tmp_path):
   wd = tmp_path / "run"
   mark = tmp_path / "paused"
@@ -665,6 +722,7 @@ def test_kill_9_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(fx, tmp_path):
   wd = tmp_path / "run"
   # lr 1e30: the first update is finite but huge; the next step's loss or gradients overflow
