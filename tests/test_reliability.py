@@ -635,7 +635,7 @@ def test_sigterm_in_process_checkpoints_the_step_and_the_resume_equals_the_strai
   with pytest.raises(loop.Preempted, match="at step 4") as e:  # step 4 was dispatched when the signal came
     _pretrain_small(fx, wd, steps=6)
   assert str(wd / "checkpoints" / "4") in str(e.value)
-  assert signal.getsignal(signal.SIGTERM) is not loop._SIGTERM._handle  # the previous handler is back
+  assert signal.getsignal(signal.SIGTERM) != loop._SIGTERM._handle  # the previous handler is back
   monkeypatch.setattr(loop.MetricsWriter, "write", write)
   _pretrain_small(fx, wd, steps=6)
   _pretrain_small(fx, tmp_path / "straight", steps=6)
