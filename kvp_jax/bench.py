@@ -4,16 +4,18 @@ XLA-compiled latency (TTFT, TPOT), FLOPs, memory of the base's prefill, each aux
 KV Prediction + selective recomputation at a few budgets, the LazyLLM / random / static pruning baselines and
 the rivals SwiftKV, SpecPrefill and GemFilter (kvp_jax/baselines/), against a float32 matmul roofline and
 transformers' PyTorch prefill of the same weights; see kvp_jax/benchmark/runner.py for the protocol. Prints a
-table, writes the JSON and a plot of TTFT against prompt length (<output>.png).
+table, writes the JSON and a plot of TTFT against prompt length (<output>.png). An interrupted run resumes
+from the (B, T) groups it finished (<output>.partial.jsonl).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from kvp_jax import cli
 
 flags.DEFINE_string("output", "bench.json", "Where the JSON goes; the plot goes beside it as .png.")
 flags.DEFINE_list("prompt_lens", ["128", "512", "1024", "2048"], "Prompt lengths T.")
@@ -25,7 +27,8 @@ flags.DEFINE_integer("warmup", 1, "Untimed calls per method before the timed run
 flags.DEFINE_integer("tpot_steps", 20, "Timed decode steps per cache for TPOT.")
 flags.DEFINE_integer("matmul_n", 2048, "Size of the float32 roofline matmul (n x n x n).")
 flags.DEFINE_bool("torch", True, "Also time transformers' PyTorch prefill of the same base weights.")
-flags.DEFINE_string("dtype", "float32", "Parameter dtype of the JAX models (the torch peer is float32).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "Parameter dtype of the JAX models (the torch peer is float32).")
 flags.DEFINE_integer("seed", 0, "Seed of random weights and tokens.")
 flags.DEFINE_string("base_checkpoint", None, "Base weights: a pretrain workdir or HF directory; random if unset.")
 flags.DEFINE_string("base_model", '{"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, '
@@ -54,6 +57,30 @@ flags.DEFINE_list("gemfilter_topk", ["256"], "gemfilter rows: tokens kept; empty
 flags.DEFINE_integer("gemfilter_layer", None, "gemfilter: selection layer (default: 13 of 32 layers, scaled).")
 
 FLAGS = flags.FLAGS
+# Refused while the command line is parsed (one line each, see kvp_jax/cli.py).
+cli.ints("prompt_lens", 2)  # KV Prediction needs 2 tokens: the aux reads all but the last
+cli.ints("batch_sizes", 1)
+for _name in ("max_tokens_per_batch", "runs", "tpot_steps", "matmul_n"):
+  cli.at_least(_name, 1)
+cli.at_least("warmup", 0)
+cli.floats_in("lp_fractions", 0.0, 1.0)
+cli.floats_in("prune_keep", 0.0, 1.0)
+cli.fraction("static_probe_fraction")
+cli.floats_in("swiftkv_cutoffs", 0.0, 1.0)
+cli.floats_in("specprefill_keep", 0.0, 1.0)
+cli.ints("gemfilter_topk", 1)
+cli.at_least("gemfilter_layer", 0)
+flags.register_validator("recompute_edge_fraction", lambda v: 0 <= v < 0.5, message="must be in [0, 0.5)")
+
+
+def _json(name: str) -> dict:
+  try:
+    v = json.loads(getattr(FLAGS, name))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--{name} is not valid JSON ({e.msg}); example: --{name}='{{\"hidden_size\": 128}}'") from None
+  if not isinstance(v, dict):
+    raise ValueError(f"--{name} must be a JSON object of ModelConfig fields, got {v!r}")
+  return v
 
 
 def _group(g: str) -> tuple[int, int]:
@@ -78,13 +105,13 @@ def _build_spec():
   if FLAGS.base_checkpoint:
     base_cfg, base = checkpoints.load_model(FLAGS.base_checkpoint, dtype)
   else:
-    base_cfg = ModelConfig(**json.loads(FLAGS.base_model))
+    base_cfg = ModelConfig.from_dict(_json("base_model"))
     base = P.init(base_cfg, key, dtype)
   pairings = []
   for i, f in enumerate(FLAGS.lp_fractions):
     pairings.append(bm.lp_pairing(base_cfg, base, float(f), jax.random.fold_in(key, 100 + i)))
   if FLAGS.c_model:
-    aux_cfg = ModelConfig(**{"vocab_size": base_cfg.vocab_size, **json.loads(FLAGS.c_model)})
+    aux_cfg = ModelConfig.from_dict({"vocab_size": base_cfg.vocab_size, **_json("c_model")})
     pairings.append(bm.c_pairing(base_cfg, aux_cfg, jax.random.fold_in(key, 200), dtype))
   for wd in FLAGS.kvp_workdir:
     kcfg, _, kp = kvp_checkpoints.load_kvp(wd, base_params=base, dtype=dtype)
@@ -95,11 +122,14 @@ def _build_spec():
   budgets = []
   for b in FLAGS.recompute_budgets:
     ni, _, isz = b.lower().partition("x")
-    if not isz:
+    if not (ni.isdigit() and isz.isdigit()):
       raise ValueError(f"--recompute_budgets entries are num_intervals x interval_size (e.g. 2x16), got {b!r}")
     budgets.append((int(ni), int(isz)))
   schedule = pruning.check_schedule(pruning.parse_schedule(FLAGS.lazyllm_schedule), base_cfg.num_layers)
-  return bench_runner.BenchSpec(
+  if FLAGS["specprefill_keep"].present and FLAGS.specprefill_keep and not pairings:
+    raise ValueError("--specprefill_keep needs a draft model: give a pairing (--lp_fractions, --c_model or "
+                     "--kvp_workdir) or drop --specprefill_keep")
+  spec = bench_runner.BenchSpec(
       base_cfg=base_cfg, base=base, pairings=pairings, prompt_lens=[int(t) for t in FLAGS.prompt_lens],
       batch_sizes=[int(b) for b in FLAGS.batch_sizes], max_tokens_per_batch=FLAGS.max_tokens_per_batch,
       skip_groups=tuple(_group(g) for g in FLAGS.skip_groups),
@@ -112,27 +142,27 @@ def _build_spec():
       swiftkv_cutoffs=tuple(float(c) for c in FLAGS.swiftkv_cutoffs),
       specprefill_keep=tuple(float(k) for k in FLAGS.specprefill_keep),
       specprefill_draft=FLAGS.specprefill_draft or None, gemfilter_topk=tuple(int(k) for k in FLAGS.gemfilter_topk),
-      gemfilter_layer=FLAGS.gemfilter_layer)
+      gemfilter_layer=FLAGS.gemfilter_layer,
+      partial=str(Path(FLAGS.output)) + ".partial.jsonl")
+  bench_runner.check(spec)  # before the run starts, not in its first group
+  return spec
 
 
-def main(argv):
-  del argv
+def main():
   from kvp_jax.benchmark import report as bench_report
   from kvp_jax.benchmark import runner as bench_runner
-  from kvp_jax.models.hf_checkpoint import CheckpointError
-  try:
-    spec = _build_spec()
-  except (ValueError, CheckpointError, FileNotFoundError) as e:  # bad flags or checkpoints: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  result = bench_runner.run(spec)
   out = Path(FLAGS.output)
-  out.parent.mkdir(parents=True, exist_ok=True)
+  if out.is_dir():
+    raise ValueError(f"--output {out} is a directory; pass a file name such as {out / 'bench.json'}")
+  cli.writable_dir(out.parent, "--output's directory")  # before the run, not after it
+  spec = _build_spec()
+  result = bench_runner.run(spec)
   out.write_text(json.dumps(result, indent=1))
+  Path(spec.partial).unlink(missing_ok=True)  # bench.json holds every group now
   print(bench_report.table(result))
   png = out.with_suffix(".png")
   print(f"wrote {out}" + (f" and {png}" if bench_report.plot(result, png) else " (no matplotlib: no plot)"))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, outputs=lambda: [Path(FLAGS.output).parent])

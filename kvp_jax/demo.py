@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
+
+from kvp_jax import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face model directory; default: a random small Llama")
 _PROMPT = flags.DEFINE_string("prompt", None, "prompt text (needs a tokenizer in --checkpoint)")
@@ -23,6 +25,11 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "top-k sampling (with --sample)")
 _TOP_P = flags.DEFINE_float("top_p", None, "nucleus sampling mass (with --sample)")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for the random model, prompt and sampling")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
+cli.at_least("max_new_tokens", 1)
+cli.at_least("top_k", 1)
+cli.finite_above("temperature", 0.0)
+cli.fraction("top_p")
+cli.ints("prompt_ids", 0)
 
 
 def _model(dtype):
@@ -49,8 +56,7 @@ def _tokenizer():
     return None
 
 
-def main(argv):
-  del argv
+def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -62,7 +68,7 @@ def main(argv):
   tok = _tokenizer()
   if _PROMPT.value is not None:
     if tok is None:
-      raise app.UsageError("--prompt needs a tokenizer in --checkpoint; pass --prompt_ids instead")
+      raise ValueError("--prompt needs a tokenizer in --checkpoint; pass --prompt_ids instead")
     prompt = tok(_PROMPT.value)["input_ids"]
   elif _PROMPT_IDS.value:
     prompt = [int(t) for t in _PROMPT_IDS.value]
@@ -100,4 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,9 +9,9 @@ pareto.png and kv_error.png to --output_dir and prints the table.
 
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags
+from kvp_jax import cli
 
 F = flags.FLAGS
 flags.DEFINE_string("base_checkpoint", None, "The base model: a pretrain workdir or Hugging Face directory.")
@@ -38,37 +38,42 @@ flags.DEFINE_bool("code_line_em", True, "Score greedy next-line exact match on c
 flags.DEFINE_bool("add_bos", True, "Start prompts with BOS, as the training documents did.")
 flags.mark_flag_as_required("base_checkpoint")
 
+# Refused while the command line is parsed (one line each, see kvp_jax/cli.py).
+for _name in ("num_qa", "num_code"):
+  cli.at_least(_name, 0)
+for _name in ("qa_max_new_tokens", "code_max_new_tokens", "batch_size", "kv_error_examples"):
+  cli.at_least(_name, 1)
+cli.int_pair("qa_num_facts", 1)
+cli.int_pair("code_context_chars", 1)
+cli.ints("buckets", 1)
+cli.conflict(["num_qa", "num_code"], lambda f: f["num_qa"] + f["num_code"] == 0,
+             "nothing to evaluate: --num_qa and --num_code are both 0")
+
 
 def _pair(v) -> tuple[int, int]:
   lo, hi = (int(x) for x in v)
   return lo, hi
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+def main():
   from kvp_jax.evaluation import registry
   from kvp_jax.evaluation import report as eval_report
   from kvp_jax.evaluation import runner as eval_runner
   from kvp_jax.evaluation import tasks
-  from kvp_jax.models.hf_checkpoint import CheckpointError
-  try:
-    ec = tasks.EvalConfig(
-        num_qa=F.num_qa, qa_num_facts=_pair(F.qa_num_facts), qa_distractors=F.qa_distractors,
-        qa_answer_style=F.qa_answer_style, num_code=F.num_code,
-        code_context_chars=_pair(F.code_context_chars), qa_max_new_tokens=F.qa_max_new_tokens,
-        code_max_new_tokens=F.code_max_new_tokens, batch_size=F.batch_size,
-        buckets=tuple(int(b) for b in F.buckets) if F.buckets else None, kv_error_examples=F.kv_error_examples,
-        seed=F.seed, qa_levels=tuple(F.qa_levels), fidelity=F.fidelity, code_line_em=F.code_line_em,
-        add_bos=F.add_bos)
-    specs = [registry.MethodSpec.parse(m) for m in F.method]
-    report = eval_runner.evaluate(F.base_checkpoint, specs, ec, F.output_dir, tokenizer=F.tokenizer)
-  except (ValueError, CheckpointError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)  # bad input: one line saying what was wrong, not a traceback
-    sys.exit(2)
+  cli.writable_dir(F.output_dir, "--output_dir")
+  ec = tasks.EvalConfig(
+      num_qa=F.num_qa, qa_num_facts=_pair(F.qa_num_facts), qa_distractors=F.qa_distractors,
+      qa_answer_style=F.qa_answer_style, num_code=F.num_code,
+      code_context_chars=_pair(F.code_context_chars), qa_max_new_tokens=F.qa_max_new_tokens,
+      code_max_new_tokens=F.code_max_new_tokens, batch_size=F.batch_size,
+      buckets=tuple(int(b) for b in F.buckets) if F.buckets else None, kv_error_examples=F.kv_error_examples,
+      seed=F.seed, qa_levels=tuple(F.qa_levels), fidelity=F.fidelity, code_line_em=F.code_line_em,
+      add_bos=F.add_bos)
+  specs = [registry.MethodSpec.parse(m) for m in F.method]
+  report = eval_runner.evaluate(F.base_checkpoint, specs, ec, F.output_dir, tokenizer=F.tokenizer)
   print(eval_report.markdown(report))
   print(f"wrote {F.output_dir}/report.json, report.md, pareto.png, kv_error.png")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, outputs=lambda: [F.output_dir])

@@ -39,7 +39,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from absl import app, flags, logging
+from absl import flags
+
+from kvp_jax import cli
 
 # Plain settings per preset; "tiny" runs in ~15 minutes on 2 CPU cores (README "Figures measured here"),
 # "smoke" runs the same code path in about a minute with meaningless figures.
@@ -461,21 +463,11 @@ flags.DEFINE_bool("ablations", False, "Also train and evaluate KV Prediction var
                   "predictor, aligned attention (for the preset's ablation aux).")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  import sys
-
+def main():
   from kvp_jax.evaluation import report as eval_report
-  from kvp_jax.models.hf_checkpoint import CheckpointError
-  logging.get_absl_handler().addFilter(
-      lambda r: "orbax" not in r.pathname and not ("xla_bridge" in r.pathname and r.levelno < 30))  # jax's backend probe  # its per-save chatter
+  cli.writable_dir(F.workdir, "--workdir")
   say = lambda s: print(s, flush=True)
-  try:
-    report = run(F.workdir, copy.deepcopy(PRESETS[F.preset]), ablations=F.ablations, base=F.base, log=say)
-  except (ValueError, CheckpointError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  report = run(F.workdir, copy.deepcopy(PRESETS[F.preset]), ablations=F.ablations, base=F.base, log=say)
   out = Path(F.workdir) / "eval"
   say("\n" + eval_report.markdown(report))
   say(f"\nreport: {out}/report.json ({out}/report.md); plots: {out}/pareto.png, {out}/kv_error.png; "
@@ -483,4 +475,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, outputs=lambda: [F.workdir])

@@ -8,9 +8,11 @@ continues where it stopped.
 from __future__ import annotations
 
 import json
-import sys
+import math
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from kvp_jax import cli
 
 F = flags.FLAGS
 flags.DEFINE_enum("stage", "pretrain", ["pretrain", "kvp", "swiftkv"], "What to train.")
@@ -88,6 +90,60 @@ flags.DEFINE_integer("save_every", 100, "Checkpoint every N steps (and at the en
 flags.DEFINE_integer("fail_at_step", None, "Testing: exit abruptly after this step, as a crash would.")
 flags.mark_flag_as_required("workdir")
 
+# Refused while the command line is parsed, before anything is loaded (one line each, see kvp_jax/cli.py).
+for _name in ("steps", "num_qa_docs", "max_code_files", "warmup_steps"):
+  cli.at_least(_name, 0)
+for _name in ("seq_len", "batch_size", "qa_questions_per_doc", "mesh_model", "log_every", "save_every"):
+  cli.at_least(_name, 1)
+for _name in ("w_base", "w_aux", "lambda_c", "z_loss", "qk_weight", "weight_decay"):
+  cli.finite_above(_name, 0.0, inclusive=True)
+for _name in ("lr", "clip"):
+  cli.finite_above(_name, 0.0)
+cli.fraction("lp_keep_fraction")
+cli.finite_above("swiftkv_temperature", 0.0)
+cli.finite_above("swiftkv_hidden_weight", 0.0, inclusive=True)
+flags.register_validator("swiftkv_cutoff", lambda v: math.isfinite(v) and 0 < v < 1,
+                         message="must be in (0, 1): at 1 every prompt token runs every layer and SwiftKV has "
+                         "nothing to train")
+flags.register_validator("b2", lambda v: math.isfinite(v) and 0 <= v < 1, message="must be in [0, 1)")
+cli.fraction("min_lr_ratio", zero=True)
+cli.int_pair("qa_num_facts", 1)
+cli.ints("lp_keep_layers", 0)
+cli.ints("layer_map", 0)
+flags.register_validator("mesh_data", lambda v: v == -1 or v >= 1, message="must be -1 (all devices) or >= 1")
+cli.conflict(["stage", "base_checkpoint"], lambda f: f["stage"] in ("kvp", "swiftkv") and not f["base_checkpoint"],
+             "--stage=kvp and --stage=swiftkv need --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
+cli.conflict(["stage", "model", "init_checkpoint"],
+             lambda f: f["stage"] == "pretrain" and bool(f["model"]) == bool(f["init_checkpoint"]),
+             "--stage=pretrain needs exactly one of --model (a fresh JSON config) and --init_checkpoint")
+cli.conflict(["stage", "aux", "aux_checkpoint", "aux_model"],
+             lambda f: f["stage"] == "kvp" and f["aux"] == "c" and bool(f["aux_checkpoint"]) == bool(f["aux_model"]),
+             "--aux=c needs exactly one of --aux_checkpoint and --aux_model")
+cli.conflict(["aux", "aux_checkpoint", "aux_model"], lambda f: f["aux"] == "lp" and bool(f["aux_checkpoint"] or f["aux_model"]),
+             "--aux_checkpoint and --aux_model are for --aux=c; --aux=lp prunes the base")
+cli.conflict(["freeze_aux", "aux_model"], lambda f: f["freeze_aux"] and bool(f["aux_model"]),
+             "--freeze_aux would freeze the randomly initialised aux of --aux_model; pass --aux_checkpoint or drop "
+             "--freeze_aux")
+
+# Flags that only some stages read; given to another stage they would be ignored without a word (say a forgotten
+# --stage=swiftkv: the run would pretrain). Every other flag is read by every stage.
+STAGE_FLAGS = {
+    "model": ("pretrain",), "init_checkpoint": ("pretrain",), "tokenizer": ("pretrain",),
+    "lp_keep_fraction": ("pretrain", "kvp"), "lp_keep_layers": ("pretrain", "kvp"), "z_loss": ("pretrain", "kvp"),
+    "base_checkpoint": ("kvp", "swiftkv"),
+    **{name: ("kvp",) for name in ("aux", "aux_checkpoint", "aux_model", "predictor", "predictor_init", "layer_map",
+                                   "freeze_aux", "w_base", "w_aux", "lambda_c", "kv_reduce", "qk_weight",
+                                   "attention_mode")},
+    **{name: ("swiftkv",) for name in ("swiftkv_cutoff", "swiftkv_temperature", "swiftkv_hidden_weight")},
+}
+
+
+def _check_stage_flags():
+  for name, stages in STAGE_FLAGS.items():
+    if F[name].present and F.stage not in stages:
+      raise ValueError(f"--{name} is read by --stage={' and --stage='.join(stages)} only, and this run is "
+                       f"--stage={F.stage}; fix --stage or drop --{name}")
+
 
 def _json_flag(name):
   v = getattr(F, name)
@@ -146,21 +202,11 @@ def run():
                  F.workdir)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  from kvp_jax.models.hf_checkpoint import CheckpointError
-
-  # orbax logs every step of every save at INFO; keep the log to our progress lines.
-  logging.get_absl_handler().addFilter(
-      lambda r: "orbax" not in r.pathname and not ("xla_bridge" in r.pathname and r.levelno < 30))  # jax's backend probe
-  try:
-    run()
-  except (ValueError, CheckpointError, FileNotFoundError) as e:
-    # Bad input gets one line saying what was wrong and what to do, not a traceback.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main():
+  _check_stage_flags()
+  cli.writable_dir(F.workdir, "--workdir")
+  run()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, outputs=lambda: [F.workdir])

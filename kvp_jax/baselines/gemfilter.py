@@ -97,8 +97,19 @@ def gemfilter_flops(cfg: ModelConfig, prompt_len: int, topk: int, layer: int, *,
   return f + flops.prefill_flops(cfg, min(topk, n), attention=attention)
 
 
+def _whole(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
 def gemfilter_method(cfg: ModelConfig, params: Params, topk: int, layer: int | None = None,
                      pool_kernel: int = 5) -> ttft.Method:
+  if not _whole(topk) or topk < 1:
+    raise ValueError(f"GemFilter's topk (tokens kept) must be an integer >= 1, got {topk!r}")
+  if not _whole(pool_kernel) or pool_kernel < 1 or pool_kernel % 2 == 0:
+    raise ValueError(f"GemFilter's pool_kernel must be an odd integer >= 1 (pooling keeps the prompt's length), "
+                     f"got {pool_kernel!r}")
+  if layer is not None and not _whole(layer):
+    raise ValueError(f"GemFilter's selection layer must be an integer, got {layer!r}")
   layer = default_layer(cfg.num_layers) if layer is None else int(layer)
   if not 0 <= layer < cfg.num_layers:
     raise ValueError(f"GemFilter's selection layer {layer} is not a layer of this {cfg.num_layers}-layer model")

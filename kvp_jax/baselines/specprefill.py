@@ -193,6 +193,17 @@ def specprefill_flops(cfg: ModelConfig, draft_cfg: ModelConfig, prompt_len: int,
 def specprefill_method(cfg: ModelConfig, params: Params, draft_cfg: ModelConfig, draft: Params, keep: float,
                        draft_name: str, look_ahead: int = 8, chunk: int = 32, pool_kernel: int = 13,
                        keep_last: bool = True) -> ttft.Method:
+  whole = lambda x: isinstance(x, int) and not isinstance(x, bool)
+  if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+    raise ValueError(f"SpecPrefill's keep (fraction of chunks kept) must be in (0, 1], got {keep!r}")
+  for name, v in (("chunk", chunk), ("look_ahead", look_ahead)):
+    if not whole(v) or v < 1:
+      raise ValueError(f"SpecPrefill's {name} must be an integer >= 1, got {v!r}")
+  if not whole(pool_kernel) or pool_kernel < 1 or pool_kernel % 2 == 0:
+    raise ValueError(f"SpecPrefill's pool_kernel must be an odd integer >= 1 (pooling keeps the prompt's length), "
+                     f"got {pool_kernel!r}")
+  if not isinstance(keep_last, bool):
+    raise ValueError(f"SpecPrefill's keep_last must be true or false, got {keep_last!r}")
   if draft_cfg.vocab_size != cfg.vocab_size:
     raise ValueError(f"SpecPrefill's draft has vocab_size={draft_cfg.vocab_size}, the base {cfg.vocab_size}; "
                      "the draft must share the base's tokenizer")

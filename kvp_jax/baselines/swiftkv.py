@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -107,16 +106,20 @@ def load_swiftkv(workdir, base_params=None, dtype=None) -> tuple[ModelConfig, Pa
   if not (p / checkpoints.SWIFTKV_CONFIG).exists():
     raise hf_checkpoint.CheckpointError(f"no {checkpoints.SWIFTKV_CONFIG} in {p}; pass a workdir made by "
                                         "--stage=swiftkv")
-  meta = json.loads((p / checkpoints.SWIFTKV_CONFIG).read_text())
+  meta = checkpoints.read_json(p / checkpoints.SWIFTKV_CONFIG)
   cfg = ModelConfig.from_dict(meta["base"])
   if base_params is None:
     _, base_params = checkpoints.load_model(meta["base_checkpoint"], dtype)
+  checkpoints.check_base(cfg, base_params, p, meta.get("base_checkpoint"))
   ck = checkpoints.Checkpointer(p, save_every=1)
   if ck.latest_step() is None:
     raise hf_checkpoint.CheckpointError(f"{p} has no finished checkpoint yet; train it first (or wait)")
   k = meta["cutoff_layers"]
-  params = ck.restore_params(jax.eval_shape(lambda b: init_from_base(cfg, b, k), P.abstract(cfg)))
-  ck.close()
+  try:
+    params = ck.restore_params(jax.eval_shape(lambda b: init_from_base(cfg, b, k), P.abstract(cfg)),
+                               hint=f"{checkpoints.SWIFTKV_CONFIG} and the checkpoint disagree")
+  finally:
+    ck.close()
   return cfg, base_params, P.cast(params, dtype)
 
 

@@ -14,16 +14,23 @@ the FLOP-ideal and measured speed-ups over the base, and (kvp_recompute) TPOT of
 cache.
 
 Timing and memory figures: timing.py; the methods: methods.py; peers: peers.py; figures, table, plot: report.py.
+With `BenchSpec.partial` set, every finished (B, T) group is appended to that file; a rerun of an interrupted
+benchmark with the same spec reuses those groups (and says so; their timings come from the interrupted
+process), one with another spec starts over.
 Shape legend: see kvp_jax/models/config.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,6 +72,46 @@ class BenchSpec:
   specprefill_draft: str | None = None  # the pairing whose aux drafts; None: the "c" pairing (else the first)
   gemfilter_topk: tuple = ()  # tokens kept: one gemfilter row each
   gemfilter_layer: int | None = None  # selection layer; None: their Llama-3.1-8B setting scaled
+  partial: str | None = None  # JSON lines of finished (B, T) groups, to resume an interrupted run from
+
+
+def _fingerprint(spec: BenchSpec) -> dict:
+  """What a finished group's figures depend on; a partial file from another spec is not reused."""
+  h = hashlib.sha1()
+  for leaf in jax.tree.leaves((spec.base, [p.kp for p in spec.pairings])):  # a sample of every weight
+    a = np.asarray(leaf)
+    h.update(str((a.shape, a.dtype)).encode() + a.ravel()[:4096].tobytes())
+  keep = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+          if f.name not in ("base", "pairings", "log", "partial", "base_cfg")}
+  return json.loads(json.dumps({
+      "spec": keep, "base_cfg": spec.base_cfg.to_dict(), "weights": h.hexdigest(), "jax": jax.__version__,
+      "pairings": [[p.name, p.kcfg.to_dict()] for p in spec.pairings]}, default=str))
+
+
+def _done_groups(spec: BenchSpec) -> dict[tuple[int, int], dict]:
+  """(B, T) -> {"rows", "mm_times"} of the groups an interrupted run with this spec finished."""
+  if spec.partial is None:
+    return {}
+  path, fp = Path(spec.partial), _fingerprint(spec)
+  groups, header = {}, None
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line torn by the interruption
+      if header is None:
+        header = obj.get("fingerprint")
+      elif "group" in obj:
+        groups[tuple(obj["group"])] = obj
+    if header == fp:
+      if groups:
+        spec.log(f"resuming: {len(groups)} (B, T) groups already timed in {path} (by the interrupted run)")
+      return groups
+    spec.log(f"{path} is from a benchmark with another spec: starting over")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"fingerprint": fp}) + "\n")
+  return {}
 
 
 def recompute_pairing(spec: BenchSpec) -> Pairing | None:
@@ -75,7 +122,8 @@ def recompute_pairing(spec: BenchSpec) -> Pairing | None:
     for p in spec.pairings:
       if p.name == spec.recompute_pairing:
         return p
-    raise ValueError(f"recompute pairing {spec.recompute_pairing!r} not among {[p.name for p in spec.pairings]}")
+    raise ValueError(f"recompute pairing {spec.recompute_pairing!r} not among {[p.name for p in spec.pairings]}; "
+                     "name one of them (--recompute_aux)")
   return next((p for p in spec.pairings if p.name.startswith("lp")), spec.pairings[0])
 
 
@@ -88,8 +136,28 @@ def draft_pairing(spec: BenchSpec) -> Pairing | None:
     if p.name == name:
       return p
   if spec.specprefill_draft:
-    raise ValueError(f"specprefill draft pairing {name!r} not among {[p.name for p in spec.pairings]}")
+    raise ValueError(f"specprefill draft pairing {name!r} not among {[p.name for p in spec.pairings]}; name one "
+                     "of them (--specprefill_draft)")
   return spec.pairings[0]
+
+
+def check(spec: BenchSpec):
+  """Refuses, one line each, what would otherwise fail only in the first group (after the roofline is timed and
+  the partial file begun): an unknown recompute or draft pairing, a SwiftKV cutoff or GemFilter layer outside the
+  base's layers, a topk below 1."""
+  recompute_pairing(spec)
+  draft_pairing(spec)
+  from kvp_jax.baselines import gemfilter, swiftkv
+  L = spec.base_cfg.num_layers
+  for c in spec.swiftkv_cutoffs:
+    swiftkv.cutoff_layers(L, c)
+  if spec.gemfilter_topk:
+    if min(spec.gemfilter_topk) < 1:
+      raise ValueError(f"gemfilter topk must be >= 1, got {list(spec.gemfilter_topk)}")
+    layer = gemfilter.default_layer(L) if spec.gemfilter_layer is None else spec.gemfilter_layer
+    if not 0 <= layer < L:
+      raise ValueError(f"GemFilter's selection layer {layer} is not a layer of this {L}-layer base; pass "
+                       f"--gemfilter_layer in [0, {L - 1}]")
 
 
 def _tokens(cfg: ModelConfig, B: int, T: int, seed: int):
@@ -99,11 +167,13 @@ def _tokens(cfg: ModelConfig, B: int, T: int, seed: int):
 
 def run(spec: BenchSpec) -> dict[str, Any]:
   """Runs every (T, B) group and returns the bench.json object (env, matmul peak, rows, figures)."""
+  check(spec)
   env = timing.env_record()
   torch_ok = spec.torch and env.get("torch") is not None
   log = spec.log
   mm_call, mm_flops, mm_cs = timing.matmul_call(spec.matmul_n)
   rows, mm_times = [], []
+  done = _done_groups(spec)
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = None
     if torch_ok:
@@ -117,7 +187,16 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         if (B, T) in spec.skip_groups:
           log(f"skip B={B} T={T}: in skip_groups")
           continue
-        rows += _run_group(spec, B, T, hf_dir, mm_call, mm_flops, mm_times)
+        if (B, T) in done:
+          rows += done[(B, T)]["rows"]
+          mm_times += done[(B, T)]["mm_times"]
+          continue
+        n = len(mm_times)
+        group = _run_group(spec, B, T, hf_dir, mm_call, mm_flops, mm_times)
+        rows += group
+        if spec.partial is not None:  # one write per group: an interruption loses at most the group running
+          with open(spec.partial, "a") as f:
+            f.write(json.dumps({"group": [B, T], "rows": group, "mm_times": mm_times[n:]}) + "\n")
   try:
     env["loadavg_end"] = list(os.getloadavg())
   except OSError:

@@ -5,11 +5,15 @@ counts its TTFT FLOPs at each task's mean prompt length, ours (aux, predictor, t
 attention) and the paper's (N x aux cost per token), and writes report.json / report.md (report.py) and the
 plots (plots.py). Every metric comes with its standard error and number of examples (stats.py), and its
 per-example scores, so two rows compare by paired differences.
+Every method is built before any is scored, so a bad spec fails in seconds. Each scored row is appended to
+`report.partial.jsonl` as soon as it is done: a rerun of an interrupted evaluation with the same settings and
+checkpoints reuses those rows (and says so), one with other settings starts over.
 Shape legend: see kvp_jax/models/config.py.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,6 +47,54 @@ def kv_errors(models: Models, specs: list[MethodSpec], task: Task, pad_id: int, 
   return out
 
 
+PARTIAL = "report.partial.jsonl"
+
+
+def _stamp(path) -> list:
+  """What identifies a checkpoint's weights on disk (files of its latest step, or its safetensors), so rows
+  scored before a checkpoint was retrained are not reused."""
+  p = Path(path)
+  steps = [c for c in (p / "checkpoints").glob("*") if c.name.isdigit()] if p.is_dir() else []
+  where = max(steps, key=lambda c: int(c.name)) if steps else p
+  files = sorted(f for f in where.rglob("*") if f.is_file()) if steps else (
+      sorted(p.glob("*.safetensors")) + sorted(p.glob("*.json")) if p.is_dir() else [])
+  return [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _done_rows(partial: Path, fingerprint: dict, log) -> dict[str, dict]:
+  """spec -> row from a previous, interrupted run with the same fingerprint; {} (and a fresh file) otherwise."""
+  rows, header = {}, None
+  if partial.exists():
+    for line in partial.read_text().splitlines():
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line torn by the interruption
+      if header is None:
+        header = obj.get("fingerprint")
+      elif "spec" in obj:
+        rows[obj["spec"]] = obj
+    if header == fingerprint:
+      return rows
+    log(f"{partial} is from an evaluation with other settings or checkpoints: starting over")
+  partial.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+  return {}
+
+
+def _build(spec: MethodSpec, models: Models):
+  """The method of one spec; a bad setting is a ValueError naming the spec."""
+  try:
+    return BUILDERS[spec.method](spec, models)
+  except TypeError as e:
+    if "keyword argument" not in str(e) and "positional argument" not in str(e):
+      raise
+    raise ValueError(f"method spec {str(spec)!r}: {e}; check its ;KEY=VALUE settings") from None
+  except ValueError as e:
+    if str(spec) in str(e):
+      raise
+    raise ValueError(f"method spec {str(spec)!r}: {e}") from None
+
+
 def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_dir, *, tokenizer=None,
              log: Callable[[str], None] = print, extra_config: dict | None = None) -> dict:
   """Evaluates every spec, writes report.json, report.md, pareto.png and kv_error.png; returns the report.
@@ -61,13 +113,28 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
   log("eval prompts: " + ", ".join(f"{t.name} {len(t.examples)} x {mean_len[t.name]:.0f} tokens" for t in tasks))
   if ec.fidelity and not any(s.method == "base" and not s.path for s in specs):
     raise ValueError("fidelity metrics compare every method with the base: add the method 'base'")
+  built = [_build(spec, models) for spec in specs]
+  partial = out_dir / PARTIAL
+  fingerprint = json.loads(json.dumps({
+      "eval": ec.to_dict(), "base_checkpoint": str(base_checkpoint), "tokenizer": str(tokenizer),
+      "checkpoints": {str(p): _stamp(p) for p in {str(base_checkpoint), *(s.path for s in specs if s.path)}},
+      **(extra_config or {})}))
+  done = _done_rows(partial, fingerprint, log)
+  if done:
+    log(f"resuming: {sum(str(s) in done for s in specs)} of {len(specs)} methods already scored in {partial}")
   # The base first: its first-token distributions are the reference of every other row's fidelity.
-  order = sorted(range(len(specs)), key=lambda i: not (ec.fidelity and specs[i].method == "base" and not specs[i].path))
+  is_ref = lambda i: ec.fidelity and specs[i].method == "base" and not specs[i].path
+  order = sorted(range(len(specs)), key=lambda i: not is_ref(i))
+  todo = [i for i in order if str(specs[i]) not in done]
   results, reference, t_begin = [None] * len(specs), None, time.time()
   for k, i in enumerate(order):
-    spec = specs[i]
+    spec, m = specs[i], built[i]
+    if str(spec) in done:
+      results[i] = done[str(spec)]
+      if is_ref(i) and reference is None and todo:  # a reused base row: its distributions are not on disk
+        reference = score_method(m, tasks, tok, ec, pad_id, nl_counts, keep_first=True).first
+      continue
     t0 = time.time()
-    m = BUILDERS[spec.method](spec, models)
     is_reference = ec.fidelity and reference is None
     scores = score_method(m, tasks, tok, ec, pad_id, nl_counts, reference=reference, keep_first=is_reference)
     if is_reference:
@@ -91,7 +158,10 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
     if m.settings:
       row["settings"] = m.settings
     results[i] = row
-    eta = (time.time() - t_begin) / (k + 1) * (len(specs) - k - 1)
+    with partial.open("a") as f:  # one write per row: an interruption loses at most the row being scored
+      f.write(json.dumps(row) + "\n")
+    n_done = todo.index(i) + 1
+    eta = (time.time() - t_begin) / n_done * (len(todo) - n_done)
     log(f"  [{k + 1}/{len(specs)}] {m.label}: " + " ".join(f"{k_} {v:.3f}" for k_, v in metrics.items())
         + f" ({row['eval_s']:.1f}s, eval ETA {int(eta) // 60}m{int(eta) % 60:02d}s)")
   kvp_specs = [s for s in specs if s.method == "kvp"]
@@ -112,4 +182,5 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
   write_report(report, out_dir)
   plots.pareto(report, out_dir / "pareto.png", TASK_OF_METRIC)
   plots.kv_error(report, out_dir / "kv_error.png")
+  partial.unlink(missing_ok=True)  # report.json holds every row now
   return report

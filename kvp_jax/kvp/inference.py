@@ -120,11 +120,9 @@ def generate(kcfg: KVPConfig, base: Params, kp: KVPParams, prompt_ids, max_new_t
   from kvp_jax.models import generation
   rows = generation._as_rows(prompt_ids)
   longest = max(len(r) for r in rows)
-  bucket = generation.bucket_length(longest)
+  generation.check_request(kcfg.base, rows, max_new_tokens, max_len)
+  bucket = generation.bucket_length(longest, max_len=None if max_len is None else max_len - max_new_tokens)
   cache_len = max_len or bucket + max_new_tokens
-  if bucket + max_new_tokens > cache_len:
-    raise ValueError(f"prompt bucket {bucket} + max_new_tokens={max_new_tokens} exceeds max_len={cache_len}; "
-                     "raise max_len")
   tokens, starts = generation.pad_prompts(rows, pad_id, bucket)
   first, cache = kvp_prefill(kcfg, base, kp, jnp.asarray(tokens), jnp.asarray(starts), cache_len)
   new = generation.decode_from(kcfg.base, base, first, cache, max_new_tokens, stop_tokens=stop_tokens,

@@ -125,6 +125,10 @@ def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=Non
 
 def logits(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None):
   """[B, T, V] float32 logits of the full forward pass (no cache)."""
+  if not isinstance(tokens_BT, jax.core.Tracer):  # concrete ids: out-of-range ones would be clamped silently
+    lo, hi = int(jnp.min(tokens_BT)), int(jnp.max(tokens_BT))
+    if lo < 0 or hi >= cfg.vocab_size:
+      raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got ids from {lo} to {hi}")
   return forward_layers(cfg, params, tokens_BT, positions_BT).logits
 
 

@@ -181,6 +181,25 @@ def _check_positions(cfg: ModelConfig, longest: int, max_new_tokens: int):
                      f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or generate less")
 
 
+def check_request(cfg: ModelConfig, rows: Sequence[np.ndarray], max_new_tokens: int, max_len: int | None = None):
+  """One-line ValueErrors for a generation request that cannot run: ids outside the vocabulary (JAX would
+  clamp the gather silently), no tokens asked for, or prompts that overrun the model's positions or the cache."""
+  for b, r in enumerate(rows):
+    if r.min() < 0 or r.max() >= cfg.vocab_size:
+      raise ValueError(f"prompt {b} has token ids outside [0, vocab_size={cfg.vocab_size})")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  longest = max(len(r) for r in rows)
+  _check_positions(cfg, longest, max_new_tokens)
+  if max_len is not None:
+    if longest > max_len:
+      raise ValueError(f"prompt of {longest} tokens is longer than the cache (max_len={max_len}); "
+                       "raise max_len or shorten the prompt")
+    if longest + max_new_tokens > max_len:
+      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit the cache "
+                       f"(max_len={max_len}); raise max_len or lower max_new_tokens")
+
+
 def decode_from(cfg: ModelConfig, params: Params, first_logits, cache: KVCache, max_new_tokens: int, *,
                 greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, key=None, stop_tokens: Sequence[int] = (),
@@ -226,20 +245,8 @@ def generate(cfg: ModelConfig, params: Params, prompt_ids, max_new_tokens: int, 
   is_array = isinstance(prompt_ids, (np.ndarray, jax.Array))
   rows = _as_rows(prompt_ids)
   longest = max(len(r) for r in rows)
-  for b, r in enumerate(rows):
-    if r.min() < 0 or r.max() >= cfg.vocab_size:  # JAX would clamp the gather silently
-      raise ValueError(f"prompt {b} has token ids outside [0, vocab_size={cfg.vocab_size})")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  _check_positions(cfg, longest, max_new_tokens)  # before prefill, so a bad request costs no compile
+  check_request(cfg, rows, max_new_tokens, max_len)  # before prefill, so a bad request costs no compile
   _sampling(greedy, temperature, top_k, top_p, key)
-  if max_len is not None:
-    if longest > max_len:
-      raise ValueError(f"prompt of {longest} tokens is longer than the cache (max_len={max_len}); "
-                       "raise max_len or shorten the prompt")
-    if longest + max_new_tokens > max_len:
-      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit the cache "
-                       f"(max_len={max_len}); raise max_len or lower max_new_tokens")
   bucket = bucket_length(longest, buckets, max_len=None if max_len is None else max_len - max_new_tokens)
   cache_len = bucket + max_new_tokens if max_len is None else max_len
   tokens, starts = pad_prompts(rows, pad_id, bucket)

@@ -200,6 +200,9 @@ def load_gguf(path, dtype=jnp.float32, *, reader=None) -> tuple[ModelConfig, Par
     if w is None or w.shape != shape:
       raise CheckpointError(f"tensor {name!r} has shape {tuple(int(n) for n in reversed(t.shape))}, but the "
                             f"metadata implies {shape} in our layout; the file is inconsistent")
+    if not np.isfinite(w).all():  # as for safetensors: a damaged file must not evaluate to garbage silently
+      raise CheckpointError(f"tensor {name!r} in {path} holds {'NaN' if np.isnan(w).any() else 'infinite'} "
+                            "values; the file is corrupt or comes from a diverged run: re-download or re-export it")
     return jnp.asarray(w, dtype)
 
   layers = tuple(

@@ -188,7 +188,7 @@ class _TensorReader:
         bins = [f.name for f in d.glob("*.bin")] + [f.name for f in d.glob("*.pt*")]
         hint = (f" (found {bins[:3]}: pickled weights are never loaded; convert them to safetensors)"
                 if bins else "")
-        raise CheckpointError(f"no *.safetensors file in {d}{hint}")
+        raise CheckpointError(f"no *.safetensors file in {d}{hint or '; pass a directory with model.safetensors'}")
       weight_map = None
     self._handles, self._where = {}, {}
     for f in files:
@@ -228,6 +228,10 @@ def load_pretrained(path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
   def get(name: str, field: str, shape: tuple[int, ...]):
     raw = r.get(name)
     w = _to_ours(field, raw.astype(np.float32), cfg)
+    if not np.isfinite(w).all():  # a corrupt or diverged file would otherwise evaluate to garbage, silently
+      what = "NaN" if np.isnan(w).any() else "infinite"
+      raise CheckpointError(f"tensor {name!r} in {d} holds {what} values; the checkpoint is corrupt or comes from "
+                            "a diverged run: re-download or re-export it")
     if w.shape != shape:
       raise CheckpointError(f"tensor {name!r} has shape {raw.shape}, config.json implies {shape} in our layout; "
                             "config.json and the weights disagree")

@@ -4,14 +4,22 @@ grain iterator state, resume, progress logging and `metrics.jsonl`.
 A stage supplies `loss_fn(trainable, batch) -> (loss, metrics)` plus its initial trainable params; anything
 else the loss needs (a frozen base, a frozen aux) is closed over and never receives gradients or optimizer
 state.
+
+No work is lost to a preemption or a divergence: SIGTERM (what a preempted TPU VM or a SLURM job gets before
+the kill) checkpoints the step just finished and raises `Preempted`; a loss, gradient norm or parameter that
+stops being finite raises `Diverged` before that state can be saved, so the last checkpoint stays the last
+good one. Each checkpoint records the run's configuration, and a resume under another one is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +32,21 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as Pspec
 
-from kvp_jax.models.checkpoints import Checkpointer
+from kvp_jax.models.checkpoints import Checkpointer, first_difference, provenance
+from kvp_jax.models.hf_checkpoint import CheckpointError
 from kvp_jax.training import sharding
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after checkpointing the current step; rerunning the same command resumes."""
+
+  def __init__(self, step: int, path: Path):
+    super().__init__(f"stopped by SIGTERM at step {step}; checkpoint in {path}; rerun the same command to resume")
+    self.step, self.path = step, path
+
+
+class Diverged(RuntimeError):
+  """The loss, gradient norm or parameters stopped being finite; no checkpoint was written from that state."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +81,17 @@ class MetricsWriter:
   def __init__(self, path: Path, resume_step: int):
     self.path = path
     if path.exists():
-      kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-      path.write_text("".join(l + "\n" for l in kept))
+      kept = []
+      for line in path.read_text().splitlines():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line torn by a crash in the middle of its write
+        if row["step"] <= resume_step:
+          kept.append(line)
+      tmp = path.with_suffix(".jsonl.tmp")  # write-then-rename: a crash here never loses the file
+      tmp.write_text("".join(l + "\n" for l in kept))
+      tmp.replace(path)
 
   def write(self, row: dict):
     with self.path.open("a") as f:
@@ -72,16 +102,98 @@ def _to_float(tree) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
+@jax.jit
+def _track_nonfinite(first_bad, loss, grad_norm, step):
+  """first_bad: [step, loss, grad_norm] of the first non-finite step, step 0 while there is none. On device,
+  so tracking costs no host sync; it is read only where a sync happens anyway (logging) or must (saving)."""
+  bad = (first_bad[0] == 0) & ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  return jnp.where(bad, jnp.stack([step.astype(jnp.float32), loss, grad_norm]), first_bad)
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _stop_if_diverged(first_bad, params, ckpt: Checkpointer, step: int):
+  """Raises Diverged if a step so far was not finite (or `params`, about to be saved, are not)."""
+  bad_step, loss, gnorm = (float(x) for x in np.asarray(first_bad))
+  if bad_step == 0 and (params is None or bool(_all_finite(params))):
+    return
+  ckpt.wait()
+  last = ckpt.latest_step()
+  ckpt.close()
+  what = (f"the loss is {loss} and the gradient norm {gnorm} at step {int(bad_step)}" if bad_step
+          else f"the parameters stopped being finite at step {step}")
+  kept = (f"the last good checkpoint, step {last}, is kept in {ckpt.dir}" if last is not None
+          else "no checkpoint had been written")
+  raise Diverged(f"training diverged: {what}; stopped without saving that state ({kept}); lower --lr or raise "
+                 "--warmup_steps, then rerun to resume from it")
+
+
+def _check_resume(ckpt: Checkpointer, step: int, run_config: dict | None):
+  """A checkpoint written under another configuration is refused (one line naming the first difference)."""
+  meta = ckpt.step_metadata(step)
+  if run_config is not None and meta.get("config") is not None:
+    diff = first_difference(meta["config"], json.loads(json.dumps(run_config)), "config")
+    if diff:
+      raise CheckpointError(f"{ckpt.dir / str(step)} was written by a run with other settings ({diff}); resume "
+                            "with the same settings or pass a new --workdir")
+  old, now = meta.get("versions") or {}, provenance()["versions"]
+  changed = [f"{k} {old[k]} -> {now.get(k)}" for k in sorted(old) if old[k] != now.get(k)]
+  if changed:
+    logging.warning("resuming a checkpoint written with other library versions (%s)", ", ".join(changed))
+
+
+def check_counts(steps: int, save_every: int, log_every: int):
+  if steps < 0 or save_every < 1 or log_every < 1:
+    raise ValueError(f"need steps >= 0, save_every >= 1 and log_every >= 1; got {steps}, {save_every}, {log_every}")
+
+
+class _SigtermFlag:
+  """While `train` runs, SIGTERM only sets `got`: the loop checkpoints the step it is on and stops. The previous
+  handler is restored when train returns or raises. Inactive off the main thread (Python takes signals there
+  only). One per process, like the signal it watches."""
+
+  def __init__(self):
+    self.got = False
+
+  def watching(self, fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+      if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+      self.got = False
+      prev = signal.signal(signal.SIGTERM, self._handle)
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        signal.signal(signal.SIGTERM, prev)
+    return wrapped
+
+  def _handle(self, signum, frame):
+    self.got = True
+    logging.warning("SIGTERM: checkpointing at the end of this step, then stopping")
+
+
+_SIGTERM = _SigtermFlag()
+
+
+@_SIGTERM.watching
 def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logical_axes: Any | None,
           data_iter, steps: int, optim: OptimConfig, mesh, tokens_per_step: int, save_every: int,
           log_every: int = 10, fail_at_step: int | None = None, frozen_for_checkpoint: Any = None,
-          params_for_checkpoint: Callable[[Any], Any] | None = None):
+          params_for_checkpoint: Callable[[Any], Any] | None = None, run_config: dict | None = None,
+          run_info: dict | None = None):
   """Runs (or resumes) training to `steps`. Returns (trainable params, list of logged metric rows).
   steps=0 saves the initial params as checkpoint 0.
 
   params_for_checkpoint: maps the trainable pytree to what is saved as `params` (e.g. adds a frozen aux so a
   kvp workdir always holds complete inference params); its inverse is `loss_fn`'s concern, not ours.
+  run_config: what a resume must match (model, data); run_info: recorded only (optimizer settings, steps).
+  Both go into every checkpoint's metadata. Raises Preempted after a SIGTERM, Diverged on non-finite values.
   """
+  check_counts(steps, save_every, log_every)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   tx = optimizer(optim, steps)
@@ -103,6 +215,7 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
   start = 0
   if ckpt.latest_step() is not None:
     start = ckpt.latest_step()
+    _check_resume(ckpt, start, run_config)
     abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
     saved, opt = ckpt.restore(abstract(to_saved(trainable)), abstract({"opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}),
                               data_iter)
@@ -123,9 +236,16 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
   step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
   rows, t_last, step_last = [], time.time(), start
   t_begin = time.time()
+  metadata = {"config": run_config, "info": run_info}
+  first_bad = jnp.zeros(3, jnp.float32)
   for step in range(start + 1, steps + 1):
     batch = sharding.shard_batch(next(data_iter), mesh)
     trainable, opt_state, metrics = step_jit(trainable, opt_state, batch)
+    first_bad = _track_nonfinite(first_bad, metrics["loss"], metrics["grad_norm"], jnp.asarray(step, jnp.int32))
+    preempted = _SIGTERM.got and step < steps
+    save = preempted or step == steps or ckpt.due(step)
+    if step % log_every == 0 or step == steps or save:  # never log or save a non-finite state
+      _stop_if_diverged(first_bad, to_saved(trainable) if save else None, ckpt, step)
     if step % log_every == 0 or step == steps:
       m = _to_float(metrics)  # the only host sync per log interval
       now = time.time()
@@ -137,8 +257,13 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
       logging.info("step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %s", step, steps, m["loss"], row["lr"], tps,
                    _fmt_eta(eta))
       t_last, step_last = now, step
-    ckpt.save(step, to_saved(trainable), {"opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
-              data_iter, force=step == steps)
+    if save:
+      ckpt.save(step, to_saved(trainable), {"opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
+                data_iter, force=step == steps or preempted, metadata=metadata)
+    if preempted:
+      ckpt.wait()
+      ckpt.close()
+      raise Preempted(step, ckpt.dir / str(step))
     if fail_at_step is not None and step == fail_at_step:
       ckpt.wait()
       logging.error("--fail_at_step=%d: simulating a crash", step)

@@ -76,18 +76,45 @@ def texts_for(dc: DataConfig, tok=None) -> list[str]:
   return texts
 
 
-def get_tokenizer(spec: str, workdir: Path, texts: list[str] | None):
-  """`train:VOCAB` trains one into workdir/tokenizer (reused on resume); anything else is loaded."""
-  if spec.startswith("train:"):
+def _train_vocab(spec: str) -> int | None:
+  """VOCAB of a `train:VOCAB` tokenizer spec (None for a tokenizer to load), checked before any work."""
+  if not spec.startswith("train:"):
+    return None
+  if not spec[6:].isdigit():
+    raise ValueError(f"--tokenizer=train:VOCAB needs an integer VOCAB, got {spec!r}")
+  return int(spec[6:])
+
+
+def get_tokenizer(spec: str, workdir: Path | None, texts: list[str] | None):
+  """`train:VOCAB` trains one into workdir/tokenizer (reused on resume); anything else is loaded (and copied
+  into workdir/tokenizer when a workdir is given)."""
+  vocab = _train_vocab(spec)
+  if vocab is not None:
     out = workdir / "tokenizer"
     if (out / "tokenizer.json").exists():
       return tok_lib.load_tokenizer(out)
-    logging.info("training a %s-token BPE tokenizer on %d documents", spec[6:], len(texts))
-    return tok_lib.train_tokenizer(texts, int(spec[6:]), out)
+    logging.info("training a %d-token BPE tokenizer on %d documents", vocab, len(texts))
+    return tok_lib.train_tokenizer(texts, vocab, out)
   tok = tok_lib.load_tokenizer(checkpoints.tokenizer_dir(spec))
-  if workdir is not None and not (workdir / "tokenizer" / "tokenizer.json").exists():
-    tok.save_pretrained(str(workdir / "tokenizer"))  # every workdir carries the tokenizer it was trained with
+  if workdir is not None:
+    _keep_tokenizer(tok, workdir)
   return tok
+
+
+def _keep_tokenizer(tok, workdir: Path):
+  if not (workdir / "tokenizer" / "tokenizer.json").exists():
+    tok.save_pretrained(str(workdir / "tokenizer"))  # every workdir carries the tokenizer it was trained with
+
+
+def _check_run(data: DataConfig, mesh, steps: int, save_every: int, log_every: int):
+  """What can be checked before reading any data or writing anything."""
+  loop.check_counts(steps, save_every, log_every)
+  if data.seq_len < 1 or data.batch_size < 1:
+    raise ValueError(f"seq_len and batch_size must be positive, got {data.seq_len}, {data.batch_size}")
+  n = mesh.shape["data"]
+  if data.batch_size % n:
+    raise ValueError(f"batch size {data.batch_size} is not divisible by the {n}-way data axis; change "
+                     "--batch_size or --mesh_data")
 
 
 def _check_vocab(cfg: ModelConfig, tok, what: str):
@@ -111,32 +138,45 @@ def _data_iter(dc: DataConfig, texts, tok):
 def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_keep: tuple[int, ...] | None,
              tokenizer: str, data: DataConfig, steps: int, optim: loop.OptimConfig, z_loss: float,
              mesh, save_every: int, log_every: int, seed: int = 0, fail_at_step: int | None = None):
+  # Everything that can be wrong with the input is checked before the workdir is written to.
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  _check_run(data, mesh, steps, save_every, log_every)
+  checkpoints.check_workdir(workdir, checkpoints.MODEL_CONFIG)
+  if model and init_checkpoint:
+    raise ValueError("pass either --model (a fresh config) or --init_checkpoint, not both")
+  if not model and not init_checkpoint:
+    raise ValueError("--stage=pretrain needs --model (a JSON ModelConfig) or --init_checkpoint")
+  if model:
+    ModelConfig.from_dict({"vocab_size": 1, **model})  # its keys and values, before the tokenizer is trained
+  vocab = _train_vocab(tokenizer)
   texts = texts_for(data) if data.qa_format == "plain" else None  # a chat corpus needs the tokenizer first
-  tok = get_tokenizer(tokenizer, workdir, texts)
-  texts = texts if texts is not None else texts_for(data, tok)
   if init_checkpoint:
     cfg, init_params = checkpoints.load_model(init_checkpoint)
     if lp_keep is not None:
       cfg, init_params = aux_models.prune_layers(cfg, init_params, lp_keep)
-    if model:
-      raise ValueError("pass either --model (a fresh config) or --init_checkpoint, not both")
     make = lambda: init_params
-  else:
-    if not model:
-      raise ValueError("--stage=pretrain needs --model (a JSON ModelConfig) or --init_checkpoint")
+  tok = get_tokenizer(tokenizer, workdir, texts) if vocab is not None else get_tokenizer(tokenizer, None, texts)
+  texts = texts if texts is not None else texts_for(data, tok)
+  if not init_checkpoint:
     cfg = ModelConfig.from_dict({"vocab_size": len(tok), **model})
     make = lambda: jax.jit(P.init, static_argnums=(0, 2))(cfg, jax.random.PRNGKey(seed))  # eager init is slow
   _check_vocab(cfg, tok, "the model")
+  data_iter = _data_iter(data, texts, tok)
+  checkpoints.check_workdir(workdir, checkpoints.MODEL_CONFIG, cfg.to_dict())
+  workdir.mkdir(parents=True, exist_ok=True)
+  _keep_tokenizer(tok, workdir)
   checkpoints.write_json(workdir / checkpoints.MODEL_CONFIG, cfg.to_dict())
   logging.info("pretraining a %.2fM-parameter %s model for %d steps", cfg.num_params() / 1e6, cfg.architecture,
                steps)
   loss_fn = lambda p, batch: lm_loss(cfg, p, batch, z_loss)
   return loop.train(workdir=workdir, loss_fn=loss_fn, init_trainable=make, logical_axes=P.logical_axes(cfg),
-                    data_iter=_data_iter(data, texts, tok), steps=steps, optim=optim, mesh=mesh,
+                    data_iter=data_iter, steps=steps, optim=optim, mesh=mesh,
                     tokens_per_step=data.seq_len * data.batch_size, save_every=save_every,
-                    log_every=log_every, fail_at_step=fail_at_step)
+                    log_every=log_every, fail_at_step=fail_at_step,
+                    run_config={"stage": "pretrain", "model": cfg.to_dict(), "data": dataclasses.asdict(data)},
+                    run_info={"steps": steps, "optim": dataclasses.asdict(optim), "z_loss": z_loss,
+                              "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+                              "lp_keep": lp_keep})
 
 
 PREDICTOR_INITS = predictor.INITS + ("lstsq",)
@@ -156,6 +196,11 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
     raise ValueError("--stage=kvp needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
   if predictor_init not in PREDICTOR_INITS:
     raise ValueError(f"unknown predictor init {predictor_init!r}; choose one of {PREDICTOR_INITS}")
+  if freeze_aux and aux.kind == "c" and not aux.checkpoint:
+    raise ValueError("--freeze_aux would freeze a randomly initialised aux (--aux_model); pass --aux_checkpoint "
+                     "or drop --freeze_aux")
+  _check_run(data, mesh, steps, save_every, log_every)
+  checkpoints.check_workdir(workdir, checkpoints.KVP_CONFIG)
   base_cfg, base = checkpoints.load_model(base_checkpoint)
   kcfg, kp0 = inference.build(base_cfg, base, aux, kind=predictor_kind,
                               init="identity" if predictor_init == "lstsq" else predictor_init, layer_map=layer_map,
@@ -175,15 +220,18 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
       if "mismatch" in str(e):
         raise
       logging.warning("could not compare tokenizers (%s); vocab sizes match", e)
-  workdir.mkdir(parents=True, exist_ok=True)
-  tok = get_tokenizer(str(base_checkpoint), workdir, None)
+  tok = get_tokenizer(str(base_checkpoint), None, None)  # the base's own (a chat corpus needs it first)
   texts = texts_for(data, tok)
   _check_vocab(base_cfg, tok, "the base")
-  checkpoints.write_json(workdir / checkpoints.KVP_CONFIG, {
-      "kvp": kcfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
-          base_checkpoint).exists() else base_checkpoint,
-      "loss": dataclasses.asdict(loss), "aux": dataclasses.asdict(aux), "freeze_aux": freeze_aux,
-      "predictor_init": predictor_init, "init_from": init_from})
+  data_iter = _data_iter(data, texts, tok)
+  meta = {"kvp": kcfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
+              base_checkpoint).exists() else base_checkpoint,
+          "loss": dataclasses.asdict(loss), "aux": dataclasses.asdict(aux), "freeze_aux": freeze_aux,
+          "predictor_init": predictor_init, "init_from": init_from}
+  checkpoints.check_workdir(workdir, checkpoints.KVP_CONFIG, meta, compare=("kvp", "freeze_aux"))
+  workdir.mkdir(parents=True, exist_ok=True)
+  _keep_tokenizer(tok, workdir)
+  checkpoints.write_json(workdir / checkpoints.KVP_CONFIG, meta)
   ck = checkpoints.Checkpointer(workdir, save_every=1)
   resuming = ck.latest_step() is not None  # the fit is in the checkpoint already
   ck.close()
@@ -202,9 +250,12 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
   to_saved = (lambda t: {"aux": aux_params, **t}) if freeze_aux else None
   trainable, rows = loop.train(
       workdir=workdir, loss_fn=loss_fn, init_trainable=init_trainable, logical_axes=axes,
-      data_iter=_data_iter(data, texts, tok), steps=steps, optim=optim, mesh=mesh,
+      data_iter=data_iter, steps=steps, optim=optim, mesh=mesh,
       tokens_per_step=data.seq_len * data.batch_size, save_every=save_every, log_every=log_every,
-      fail_at_step=fail_at_step, params_for_checkpoint=to_saved)
+      fail_at_step=fail_at_step, params_for_checkpoint=to_saved,
+      run_config={"stage": "kvp", "kvp": kcfg.to_dict(), "freeze_aux": freeze_aux, "data": dataclasses.asdict(data)},
+      run_info={"steps": steps, "optim": dataclasses.asdict(optim), "loss": dataclasses.asdict(loss),
+                "base_checkpoint": meta["base_checkpoint"]})
   return trainable, rows
 
 
@@ -230,28 +281,38 @@ def swiftkv(*, workdir, base_checkpoint: str, cutoff: float, loss: swiftkv_lib.S
             fail_at_step: int | None = None):
   """SwiftKV's self-distillation (baselines/swiftkv.py): the new norm and q/k/v projections of layers >= k train,
   initialised from the base's own; the base is the frozen teacher. `seed` only orders the data."""
+  # Everything that can be wrong with the input is checked before the workdir is written to.
   workdir = Path(workdir)
   if not base_checkpoint:
     raise ValueError("--stage=swiftkv needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
+  _check_run(data, mesh, steps, save_every, log_every)
+  checkpoints.check_workdir(workdir, checkpoints.SWIFTKV_CONFIG)
   base_cfg, base = checkpoints.load_model(base_checkpoint)
   k = swiftkv_lib.cutoff_layers(base_cfg.num_layers, cutoff)
   if k == base_cfg.num_layers:
     raise ValueError(f"--swiftkv_cutoff={cutoff} keeps all {k} layers for every prompt token: SwiftKV would have "
                      "nothing to train; use a cutoff below 1 (theirs: 0.5 for Llama-3.1, 0.75 for Qwen2.5)")
-  workdir.mkdir(parents=True, exist_ok=True)
-  tok = get_tokenizer(str(base_checkpoint), workdir, None)  # the base's own (a chat corpus needs it first)
+  tok = get_tokenizer(str(base_checkpoint), None, None)  # the base's own (a chat corpus needs it first)
   texts = texts_for(data, tok)
   _check_vocab(base_cfg, tok, "the base")
-  checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, {
-      "base": base_cfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
-          base_checkpoint).exists() else base_checkpoint,
-      "cutoff": cutoff, "cutoff_layers": k, "loss": dataclasses.asdict(loss)})
+  data_iter = _data_iter(data, texts, tok)
+  meta = {"base": base_cfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
+              base_checkpoint).exists() else base_checkpoint,
+          "cutoff": cutoff, "cutoff_layers": k, "loss": dataclasses.asdict(loss)}
+  checkpoints.check_workdir(workdir, checkpoints.SWIFTKV_CONFIG, meta, compare=("base", "cutoff_layers"))
+  workdir.mkdir(parents=True, exist_ok=True)
+  _keep_tokenizer(tok, workdir)
+  checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, meta)
   skv0 = swiftkv_lib.init_from_base(base_cfg, base, k)  # copies: training never aliases the base
   base_f = jax.tree.map(jnp.asarray, base)  # frozen: closed over, no grads, no optimizer state
   loss_fn = lambda t, batch: swiftkv_lib.swiftkv_loss(base_cfg, loss, t, base_f, batch)
   logging.info("SwiftKV: %d of %d layers run every prompt token; %.2fM new parameters train", k,
                base_cfg.num_layers, P.count(skv0) / 1e6)
   return loop.train(workdir=workdir, loss_fn=loss_fn, init_trainable=lambda: skv0,
-                    logical_axes=swiftkv_lib.logical_axes(skv0), data_iter=_data_iter(data, texts, tok), steps=steps,
+                    logical_axes=swiftkv_lib.logical_axes(skv0), data_iter=data_iter, steps=steps,
                     optim=optim, mesh=mesh, tokens_per_step=data.seq_len * data.batch_size, save_every=save_every,
-                    log_every=log_every, fail_at_step=fail_at_step)
+                    log_every=log_every, fail_at_step=fail_at_step,
+                    run_config={"stage": "swiftkv", "base": base_cfg.to_dict(), "cutoff_layers": k,
+                                "data": dataclasses.asdict(data)},
+                    run_info={"steps": steps, "optim": dataclasses.asdict(optim), "loss": dataclasses.asdict(loss),
+                              "cutoff": cutoff, "base_checkpoint": meta["base_checkpoint"]})
