@@ -51,13 +51,17 @@ def test_smoke_preset_end_to_end_then_reuses_every_stage(tmp_path):
   assert again.count("reused") == 7, again  # six training stages (SwiftKV's among them) and the evaluation
 
 
-def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
-  code = ("from kvp_jax import quickstart as q; from pathlib import Path; import json; "
-          "p = q.PRESETS['tiny']; st = q.plan(p, ablations=True); "
-          "print(json.dumps([[s['name'] for s in st], q.method_specs(p, st, Path('/w'))]))")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _plan_json(code: str):
+  """What a snippet of quickstart planning prints as JSON, run in a fresh interpreter (absl flags stay unparsed)."""
+  proc = subprocess.run([sys.executable, "-c", "from kvp_jax import quickstart as q; from pathlib import Path; "
+                         "import json; " + code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  names, specs = json.loads(proc.stdout)
+  return json.loads(proc.stdout)
+
+
+def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
+  names, specs = _plan_json("p = q.PRESETS['tiny']; st = q.plan(p, ablations=True); "
+                             "print(json.dumps([[s['name'] for s in st], q.method_specs(p, st, Path('/w'))]))")
   assert names[:2] == ["base", "aux_c"]
   for f in ("lp0.25", "lp0.50", "lp0.75"):
     assert f"lp_alone_{f}" in names and f"kvp_{f}" in names
@@ -104,12 +108,9 @@ def test_smollm2_path_end_to_end_on_a_tiny_chat_model_then_reuses_every_stage(tm
 
 
 def test_smollm2_plan_fits_then_trains_each_aux_and_ablations_share_the_fit():
-  code = ("from kvp_jax import quickstart as q; from pathlib import Path; import json; "
-          "p = q.PRESETS['smollm2']; st = q.plan(p, ablations=True, base='/b'); "
-          "print(json.dumps([[s['name'], s['needs']] for s in st] + [q.method_specs(p, st, Path('/w'))]))")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  *stages, specs = json.loads(proc.stdout)
+  *stages, specs = _plan_json("p = q.PRESETS['smollm2']; st = q.plan(p, ablations=True, base='/b'); "
+                               "print(json.dumps([[s['name'], s['needs']] for s in st] + "
+                               "[q.method_specs(p, st, Path('/w'))]))")
   needs = dict(stages)
   for f in ("lp0.25", "lp0.50", "lp0.75"):
     assert needs[f"lp_alone_{f}"] == [] and needs[f"kvp_{f}_lstsq"] == [] and needs[f"kvp_{f}"] == [f"kvp_{f}_lstsq"]
