@@ -203,7 +203,8 @@ def _rank(score_BS):
   return jnp.argsort(order, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "schedule", "max_revive"))
+@functools.partial(jax.jit, static_argnames=("cfg", "schedule", "max_revive"),
+                   compiler_options=decoder.DECODE_COMPILER_OPTIONS)
 def lazyllm_step(cfg: ModelConfig, params: Params, tokens_B1, state: LazyState, *, schedule, max_revive: int = 16):
   """One LazyLLM decode step with re-selection and the Aux Cache: (logits [B, V], state)."""
   stages = dict(check_schedule(schedule, cfg.num_layers))
@@ -343,7 +344,7 @@ def static_prune_prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B, 
   return _finish_compact(cfg, params, x_BCD, ks, vs, valid_BC, m_B, T, starts_B, max_len)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=decoder.DECODE_COMPILER_OPTIONS)
 def positioned_step(cfg: ModelConfig, params: Params, tokens_B1, state):
   """Base decode from a compact cache: the new token at its true position, state (cache, next positions [B])."""
   cache, pos_B = state

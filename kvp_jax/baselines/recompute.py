@@ -140,7 +140,7 @@ def recompute_layers(cfg: ModelConfig, params: Params, cache: KVCache, tokens_BP
 _STATIC = ("kcfg", "max_len", "num_intervals", "interval_size", "edge_fraction", "importance", "multiple")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC, compiler_options=decoder.CACHE_WRITE_COMPILER_OPTIONS)
 def recompute_prefill(kcfg: KVPConfig, base: Params, kp: inference.KVPParams, tokens_BT, starts_B, max_len: int, *,
                       num_intervals: int, interval_size: int, edge_fraction: float = 0.1,
                       importance: str = "column", multiple: int = 16):

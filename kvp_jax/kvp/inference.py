@@ -76,7 +76,7 @@ def predict_cache(kcfg: KVPConfig, base: Params, kp: KVPParams, tokens_BT, start
   return cache_from_layers(kcfg, base, predict_layers(kcfg, kp, tokens_BT, pos), starts_B, pos, max_len)
 
 
-@functools.partial(jax.jit, static_argnames=("kcfg", "max_len"))
+@functools.partial(jax.jit, static_argnames=("kcfg", "max_len"), compiler_options=decoder.CACHE_WRITE_COMPILER_OPTIONS)
 def kvp_prefill(kcfg: KVPConfig, base: Params, kp: KVPParams, tokens_BT, starts_B, max_len: int):
   """TTFT path: aux + predictor on the first T-1 columns, then the base's step on the last column.
 

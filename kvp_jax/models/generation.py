@@ -118,7 +118,8 @@ def _is_stop(tok_B, stop_S):
   return jnp.any(tok_B[:, None] == stop_S[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens"), donate_argnames=("cache",),
+                   compiler_options=decoder.DECODE_COMPILER_OPTIONS)
 def _decode_loop(cfg: ModelConfig, params: Params, first_logits_BV, cache: KVCache, key, stop_S, pad_id,
                  temperature, top_p, *, sampling: Sampling, max_new_tokens: int):
   """Samples token 0 from first_logits, then feeds each token back until n tokens or every row stopped.
