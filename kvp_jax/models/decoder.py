@@ -12,13 +12,12 @@ Shape legend: see kvp_jax/models/config.py.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from kvp_jax.models import attention
+from kvp_jax.models import attention, compile_options
 from kvp_jax.models import cache as kv_cache
 from kvp_jax.models import rope
 from kvp_jax.models.cache import KVCache
@@ -28,18 +27,6 @@ from kvp_jax.models.params import LayerParams, Params, lm_head_weight
 
 ATTENTION_MODES = ("causal", "corenet", "aligned")
 
-# XLA:CPU compiler options (DebugOptions fields; other backends ignore them) for the jitted functions that write
-# tokens into a KVCache and then attend to it: decode steps, the decode loop, KV Prediction's last-token step.
-# Without region analysis, XLA:CPU's fusion pass duplicates layer i's dynamic-update-slice into the fusion that
-# feeds layer i's attention; the old cache buffer then has two unordered users, and copy insertion copies the
-# whole K cache after every layer: 12 copies of [12, B, 4, 513, 64] per `decode_step` of the 125M benchmark base
-# at B >= 2 (605 MB at B=8), and 12 per token inside generation's while loop even at B=1. With region analysis
-# none are left, logits and caches bit-identical (tests/models/test_decode_hlo.py keeps it so).
-CACHE_WRITE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-# Steps whose every projection is a small-M [B, D] x [D, F] product also leave YNNPACK out: jaxlib 0.10.2 sends
-# such dots to YNNPACK, which at B=8 took 1.3-1.8x the time of XLA's own dot emitter on the 125M and
-# SmolLM2-135M projection shapes (B=1: within noise). Logits move by ~2e-5 (another summation order).
-DECODE_COMPILER_OPTIONS = {**CACHE_WRITE_COMPILER_OPTIONS, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class LayerKV(NamedTuple):
@@ -195,7 +182,8 @@ def forward(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None, cach
   return out, cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3, compiler_options=DECODE_COMPILER_OPTIONS)
+@compile_options.decode_jit(static_argnums=0, donate_argnums=3)
 def decode_step(cfg: ModelConfig, params: Params, tokens_B1, cache: KVCache):
-  """One cached decode step, jitted with the cache donated: (logits [B, V], cache)."""
+  """One cached decode step, jitted with the cache donated and compile_options.decode_options(B): (logits [B, V],
+  cache)."""
   return forward(cfg, params, tokens_B1, None, cache, all_logits=False)

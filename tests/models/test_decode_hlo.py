@@ -1,6 +1,6 @@
 """The compiled decode step holds no copy of a cache-sized buffer (issue 14).
 
-XLA:CPU used to copy the whole K cache after every layer's write at B >= 2 (decoder.DECODE_COMPILER_OPTIONS
+XLA:CPU used to copy the whole K cache after every layer's write at B >= 2 (kvp_jax/models/compile_options.py
 says why); an XLA upgrade that brings the copies back fails here. The shapes are the smallest found that still
 reproduce the copies without the options (at the tests' usual tiny config XLA fuses differently and never
 copied); everything is lowered from abstract shapes, so no weights are allocated.
