@@ -8,9 +8,11 @@ that load from other processes hits every figure alike. Reported: median, min an
 Methods: `base` (the base's prefill), per pairing `aux_only` and `kvp`, the peers `hf_torch` (transformers +
 PyTorch) and `llama_cpp` (the original GGUF, B=1, when llama-cpp-python is installed); and, when the spec asks,
 `kvp_recompute` (KV Prediction + selective recomputation, recompute.py) for one pairing at a few budgets
-(num_intervals x interval_size), `lazyllm`, `random_prune` and `static_prune` (baselines/pruning.py) on the base. Those
-rows carry `settings` (the method's configuration), the FLOP-ideal and measured speed-ups over the base, and
-(kvp_recompute) TPOT of the base from the recomputed cache.
+(num_intervals x interval_size), `lazyllm`, `random_prune` and `static_prune` (baselines/pruning.py) on the base,
+and the rivals `swiftkv` (per cutoff, with TPOT of its own decode step), `specprefill` (per keep fraction, a
+pairing's aux as the draft) and `gemfilter` (per topk). Those rows carry `settings` (the method's configuration),
+the FLOP-ideal and measured speed-ups over the base, and (kvp_recompute) TPOT of the base from the recomputed
+cache.
 
 Roofline, per row: `roofline_s` = FLOPs / the matmul peak + bytes that must be read (kvp_jax/models/flops.py)
 / the read bandwidth, both measured in the same rounds as the row (a 2048^3 matmul and a [1, 1024] x [1024, n]
@@ -69,6 +71,13 @@ class BenchSpec:
   gguf: str | None = None  # the base's original GGUF file: llama.cpp rows (B=1) when llama-cpp-python imports
   hf_dir: str | None = None  # Hugging Face directory of the base's weights for the torch peer (else written)
 
+  # Rivals (baselines/; none by default).
+  swiftkv_cutoffs: tuple = ()  # fractions of the base's layers every prompt token runs: one swiftkv row each
+  specprefill_keep: tuple = ()  # kept chunk fractions: one specprefill row each
+  specprefill_draft: str | None = None  # the pairing whose aux drafts; None: the "c" pairing (else the first)
+  gemfilter_topk: tuple = ()  # tokens kept: one gemfilter row each
+  gemfilter_layer: int | None = None  # selection layer; None: their Llama-3.1-8B setting scaled
+
 
 @dataclasses.dataclass
 class _Rooflines:
@@ -91,6 +100,19 @@ def recompute_pairing(spec: BenchSpec) -> Pairing | None:
         return p
     raise ValueError(f"recompute pairing {spec.recompute_pairing!r} not among {[p.name for p in spec.pairings]}")
   return next((p for p in spec.pairings if p.name.startswith("lp")), spec.pairings[0])
+
+
+def draft_pairing(spec: BenchSpec) -> Pairing | None:
+  """The pairing whose aux model is SpecPrefill's draft (None when there are no keep fractions or pairings)."""
+  if not spec.specprefill_keep or not spec.pairings:
+    return None
+  name = spec.specprefill_draft or "c"
+  for p in spec.pairings:
+    if p.name == name:
+      return p
+  if spec.specprefill_draft:
+    raise ValueError(f"specprefill draft pairing {name!r} not among {[p.name for p in spec.pairings]}")
+  return spec.pairings[0]
 
 
 def _tokens(cfg: ModelConfig, B: int, T: int, seed: int):
@@ -166,6 +188,15 @@ def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof
     methods.append(bm.random_prune_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, keep, spec.seed))
     methods.append(bm.static_prune_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, keep,
                                                 spec.static_probe_fraction))
+  for c in spec.swiftkv_cutoffs:
+    methods.append(bm.swiftkv_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, c))
+  dp = draft_pairing(spec)
+  for keep in spec.specprefill_keep if dp is not None else ():
+    methods.append(bm.specprefill_bench_method(spec.base_cfg, spec.base, dp.name, dp.kcfg.aux, dp.kp.aux, tokens,
+                                               starts, max_len, keep))
+  for topk in spec.gemfilter_topk:
+    methods.append(bm.gemfilter_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, topk,
+                                             spec.gemfilter_layer))
   if torch_peer is not None:
     methods.append(torch_peer.prefill_method(np.asarray(tokens), spec.base_cfg))
   llama = None
@@ -195,6 +226,8 @@ def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof
   caches = {"base:None": outs["base:None"][1]}
   caches.update({f"kvp:{p.name}": outs[f"kvp:{p.name}"][1] for p in spec.pairings})
   caches.update({k: outs[k][1] for k, m in zip(keys, methods) if m.method == "kvp_recompute"})
+  # SwiftKV decodes with its own step (later layers read SwiftKV K/V): timed in the same rounds.
+  own = {k: (m.decode, outs[k][1]) for k, m in zip(keys, methods) if m.decode is not None}
   others = {}
   if spec.pairings:
     others["kvp_base_step"] = bm.kvp_base_step_call(spec.base_cfg, spec.base, caches["base:None"], tokens[:, -1:])
@@ -203,7 +236,7 @@ def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof
   if llama is not None:
     others["llama_cpp:None"] = llama.decode_call(np.asarray(tokens))
   log(f"B={B} T={T}: timing decode steps x {spec.tpot_steps}")
-  tp, tp_cs = bm.tpot(spec.base_cfg, spec.base, caches, spec.tpot_steps, spec.warmup, others)
+  tp, tp_cs = bm.tpot(spec.base_cfg, spec.base, caches, spec.tpot_steps, spec.warmup, own, others)
   rows = []
   base_med = float(np.median(times["base:None"]))
   for k, m in zip(keys, methods):
@@ -223,9 +256,10 @@ def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof
       row["tpot_s_median"] = float(np.median(tp[k]))
       row["tpot_s_min"] = float(np.min(tp[k]))
       row["tpot_from"] = {"base": "own cache", "kvp_recompute": "recomputed cache", "hf_torch": "dynamic cache",
-                          "llama_cpp": "its own cache"}.get(m.method, "predicted cache")
+                          "llama_cpp": "its own cache", "swiftkv": "own cache and own step"}.get(m.method,
+                                                                                                "predicted cache")
       if m.method not in ("hf_torch", "llama_cpp"):
-        row["tpot_compile_s"] = tp_cs
+        row["tpot_compile_s"] = m.extra.get("decode_compile_s", tp_cs)
         # Step i from this cache ran in the same round as step i from the base's own cache, so the per-step
         # ratio cancels most of the machine's drift; its median is the comparison the issue asks for.
         row["tpot_over_own_paired_median"] = float(np.median(np.asarray(tp[k]) / np.asarray(tp["base:None"])))
