@@ -97,6 +97,12 @@ def gemfilter_flops(cfg: ModelConfig, prompt_len: int, topk: int, layer: int, *,
   return f + flops.prefill_flops(cfg, min(topk, n), attention=attention)
 
 
+def gemfilter_read_bytes(cfg: ModelConfig, layer: int, *, itemsize: int = 4) -> int:
+  """Bytes `gemfilter_prefill` must read (kvp_jax/models/flops.py): pass 1's weights (layers < r, layer r's query
+  and key projections), then every weight again in pass 2 (it starts once pass 1 has chosen)."""
+  return flops.weight_bytes(gemfilter_flops(cfg, 1, 1, layer, attention=False), itemsize)
+
+
 def gemfilter_method(cfg: ModelConfig, params: Params, topk: int, layer: int | None = None,
                      pool_kernel: int = 5) -> ttft.Method:
   layer = default_layer(cfg.num_layers) if layer is None else int(layer)

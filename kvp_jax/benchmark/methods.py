@@ -164,15 +164,17 @@ def recompute_bench_method(pair: Pairing, base: P.Params, tokens, starts, max_le
 
 
 def _base_pruned_method(name: str, prefill, flops_fn, settings: dict, cfg: ModelConfig, params: P.Params, tokens,
-                        starts, max_len: int, **static) -> Method:
+                        starts, max_len: int, read_bytes: int | None = None, **static) -> Method:
   """A prefill of the base alone on part of the prompt: compiled with its static settings, FLOPs from
-  flops_fn(T, attention=...) per row, and the FLOPs-ideal speed-up over the full prefill."""
+  flops_fn(T, attention=...) per row, and the FLOPs-ideal speed-up over the full prefill. Bytes read: the base's
+  weights once unless `read_bytes` says otherwise."""
   c, cs = aot_compile(prefill, cfg, params, tokens, starts, max_len=max_len, **static)
   B, T = tokens.shape
   f, f0 = B * flops_fn(T, attention=True), B * flops_fn(T, attention=False)
+  if read_bytes is None:
+    read_bytes = flops.prefill_read_bytes(cfg, itemsize=_itemsize(params))
   return Method(name, None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
-                {**_speedup_extra(cfg, B, T, f, f0), "read_bytes": flops.prefill_read_bytes(cfg, itemsize=_itemsize(params))},
-                settings)
+                {**_speedup_extra(cfg, B, T, f, f0), "read_bytes": read_bytes}, settings)
 
 
 def lazyllm_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, schedule) -> Method:
@@ -220,7 +222,8 @@ def swiftkv_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max
   tok = jnp.zeros((B, 1), jnp.int32)
   step, step_cs = aot_compile(swiftkv.swiftkv_step, cfg, params, skv, tok, jax.eval_shape(
       lambda: swiftkv.swiftkv_prefill(cfg, params, skv, tokens, starts, max_len=max_len)[1]))
-  extra = {**_speedup_extra(cfg, B, T, f, f0), "decode_compile_s": step_cs}
+  extra = {**_speedup_extra(cfg, B, T, f, f0), "decode_compile_s": step_cs,
+           "read_bytes": swiftkv.swiftkv_read_bytes(cfg, k, itemsize=_itemsize(params))}
   return Method("swiftkv", None, lambda: c(params, skv, tokens, starts), cs, f, f0, xla_peak_bytes(c), extra,
                 dict(sm.settings), decode=lambda tokens_B1, state: step(params, skv, tokens_B1, state))
 
@@ -236,8 +239,10 @@ def specprefill_bench_method(cfg: ModelConfig, params: P.Params, draft_name: str
   B, T = tokens.shape
   f = B * specprefill.specprefill_flops(cfg, draft_cfg, T, keep)
   f0 = B * specprefill.specprefill_flops(cfg, draft_cfg, T, keep, attention=False)
+  extra = {**_speedup_extra(cfg, B, T, f, f0),
+           "read_bytes": specprefill.specprefill_read_bytes(cfg, draft_cfg, T, batch=B, itemsize=_itemsize(params))}
   return Method("specprefill", draft_name, lambda: c(params, draft, tokens, starts), cs, f, f0, xla_peak_bytes(c),
-                _speedup_extra(cfg, B, T, f, f0), dict(sm.settings))
+                extra, dict(sm.settings))
 
 
 def gemfilter_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, topk: int,
@@ -249,7 +254,8 @@ def gemfilter_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, m
   return _base_pruned_method(
       "gemfilter", gemfilter.gemfilter_prefill,
       lambda T, attention: gemfilter.gemfilter_flops(cfg, T, topk, layer, attention=attention),
-      dict(gm.settings), cfg, params, tokens, starts, max_len, topk=topk, layer=layer)
+      dict(gm.settings), cfg, params, tokens, starts, max_len,
+      read_bytes=gemfilter.gemfilter_read_bytes(cfg, layer, itemsize=_itemsize(params)), topk=topk, layer=layer)
 
 
 def tpot(cfg: ModelConfig, params: P.Params, caches: dict[str, Any], steps: int, warmup: int = 1,

@@ -35,17 +35,17 @@ def decode_options(batch: int) -> dict:
   return {**CACHE_WRITE, **NO_YNN_DOTS} if batch >= NO_YNN_MIN_BATCH else dict(CACHE_WRITE)
 
 
-def decode_jit(**jit_kwargs):
-  """Decorator: `jax.jit(fn, **jit_kwargs)` with `decode_options(B)`, where B leads the shape of fn's third
-  positional argument (tokens [B, 1] or logits [B, V] in every decode function here)."""
-  return lambda fn: _DecodeJit(fn, jit_kwargs)
+def decode_jit(*, batch_argnum: int = 2, **jit_kwargs):
+  """Decorator: `jax.jit(fn, **jit_kwargs)` with `decode_options(B)`, where B leads the shape of fn's positional
+  argument `batch_argnum` (tokens [B, 1] or logits [B, V]: the third in most decode functions here)."""
+  return lambda fn: _DecodeJit(fn, batch_argnum, jit_kwargs)
 
 
 class _DecodeJit:
   """One jitted function per option set; calling, `lower` and `__wrapped__` behave as on a jitted function."""
 
-  def __init__(self, fn, jit_kwargs: dict):
-    self._fn, self._jit_kwargs, self._jits = fn, jit_kwargs, {}
+  def __init__(self, fn, batch_argnum: int, jit_kwargs: dict):
+    self._fn, self._batch_argnum, self._jit_kwargs, self._jits = fn, batch_argnum, jit_kwargs, {}
     functools.update_wrapper(self, fn)
 
   def __call__(self, *args, **kwargs):
@@ -55,7 +55,7 @@ class _DecodeJit:
     return self._jit(args).lower(*args, **kwargs)
 
   def _jit(self, args):
-    large = args[2].shape[0] >= NO_YNN_MIN_BATCH
+    large = args[self._batch_argnum].shape[0] >= NO_YNN_MIN_BATCH
     if large not in self._jits:
       self._jits[large] = jax.jit(self._fn, compiler_options=decode_options(NO_YNN_MIN_BATCH if large else 1),
                                   **self._jit_kwargs)

@@ -68,6 +68,24 @@ def test_read_bytes_by_hand():
   assert kvp_read_bytes(cfg, aux, 12) == expect
 
 
+def test_rival_read_bytes_by_hand():
+  """Each pass one after another reads its weights again; SwiftKV's K/V projections replace the late layers'."""
+  from kvp_jax.baselines import gemfilter, specprefill, swiftkv
+  cfg = tiny_config()  # D 64, F 128, L 2, N 4, K 2, H 16, V 256
+  layer = 64 * (4 + 4) * 16 + 4 * 16 * 64 + 3 * 64 * 128  # q, k, v, o, MLP weights of one layer
+  weights = 2 * layer + 64 * 256
+  # SwiftKV at k=1: layer 0, the fused K/V of layer 1 (as big as its own k and v), layer 1's q, o and MLP, LM head.
+  assert swiftkv.swiftkv_read_bytes(cfg, 1) == 4 * weights
+  # GemFilter at layer 1: layer 0, layer 1's key [64 -> 32] and query [64 -> 64] projections; then every weight.
+  assert gemfilter.gemfilter_read_bytes(cfg, 1) == 4 * (layer + 64 * 32 + 64 * 64) + 4 * weights
+  # SpecPrefill with a 1-layer draft, 12 prompt tokens, batch 2: the draft's prefill, 7 look-ahead steps (each its
+  # weights and K/V of 13..19 slots), the base's prefill.
+  draft = tiny_config(num_layers=1)
+  draft_w = layer + 64 * 256
+  kv = sum(2 * 1 * 2 * (13 + i) * 32 * 4 for i in range(7))
+  assert specprefill.specprefill_read_bytes(cfg, draft, 12, batch=2) == 4 * draft_w * 8 + kv + 4 * weights
+
+
 def test_b8_over_b1_pairs_rows_by_prompt_length():
   rows = [{"method": "base", "prompt_len": 512, "batch": 1, "tpot_s_median": 0.02},
           {"method": "base", "prompt_len": 512, "batch": 8, "tpot_s_median": 0.03},
@@ -149,7 +167,8 @@ def test_bench_smoke_writes_valid_json(tmp_path):
   assert res["read_bandwidth_bytes_per_s"] > 0 and res["read_probe_bytes"] > 0
   mm = next(r for r in res["rows"] if r["method"] == "matmul")
   for r in rows:
-    if r["method"] in ("base", "aux_only", "kvp", "kvp_recompute", "lazyllm", "random_prune", "static_prune"):
+    if r["method"] in ("base", "aux_only", "kvp", "kvp_recompute", "lazyllm", "random_prune", "static_prune",
+                       "swiftkv", "specprefill", "gemfilter"):
       assert r["roofline_s"] == pytest.approx(
           r["flops"] / mm["achieved_flops_per_s"] + r["read_bytes"] / mm["read_bandwidth_bytes_per_s"])
       assert r["ttft_over_roofline"] == pytest.approx(r["ttft_s_median"] / r["roofline_s"])

@@ -73,3 +73,35 @@ def test_decode_loop_copies_no_cache_buffer():
       CFG, params, jax.ShapeDtypeStruct((1, CFG.vocab_size), jnp.float32), cache, jax.random.PRNGKey(0),
       jnp.zeros((1,), jnp.int32), 0, 1.0, 1.0, sampling=generation.Sampling(), max_new_tokens=4).compile().as_text()
   assert cache_sized_copies(text, 1) == []
+
+
+# ------------------------------------------------------------------------------------ rivals that write a cache
+
+
+def _swiftkv(batch: int):
+  from kvp_jax.baselines import swiftkv
+  params, tokens, cache = _abstract(batch)
+  skv = jax.eval_shape(lambda p: swiftkv.init_from_base(CFG, p, swiftkv.cutoff_layers(CFG.num_layers, 0.5)), params)
+  return swiftkv, (CFG, params, skv, tokens, cache)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_swiftkv_step_copies_no_cache_buffer(batch):
+  """SwiftKV decodes with its own step (SwiftKV K/V written for every later layer): compiled as the base's."""
+  swiftkv, args = _swiftkv(batch)
+  assert cache_sized_copies(swiftkv.swiftkv_step.lower(*args).compile().as_text(), batch) == []
+  if batch == 2:  # and the check can fail on it: XLA's defaults copy the cache after SwiftKV's writes
+    plain = jax.jit(swiftkv.swiftkv_step.__wrapped__, static_argnums=0, donate_argnums=4)
+    assert cache_sized_copies(plain.lower(*args).compile().as_text(), batch)
+
+
+def test_specprefill_look_ahead_copies_no_cache_buffer():
+  """SpecPrefill's draft decodes look_ahead - 1 tokens into its cache inside the prefill (a scan): with XLA's
+  defaults each step copied the whole cache, at every batch size."""
+  from kvp_jax.baselines import specprefill
+  params, _, _ = _abstract(2)
+  tokens = jax.ShapeDtypeStruct((2, SLOTS - 7), jnp.int32)  # the draft's cache: T + 7 look-ahead slots = SLOTS
+  starts = jax.ShapeDtypeStruct((2,), jnp.int32)
+  text = specprefill.specprefill_prefill.lower(CFG, params, CFG, params, tokens, starts, max_len=SLOTS + 8,
+                                               keep=0.5).compile().as_text()
+  assert cache_sized_copies(text, 2) == []
