@@ -42,7 +42,8 @@ def decode_jit(*, batch_argnum: int = 2, **jit_kwargs):
 
 
 class _DecodeJit:
-  """One jitted function per option set; calling, `lower` and `__wrapped__` behave as on a jitted function."""
+  """One jitted function per option set; calling, `lower`, `_cache_size` and `__wrapped__` behave as on a jitted
+  function."""
 
   def __init__(self, fn, batch_argnum: int, jit_kwargs: dict):
     self._fn, self._batch_argnum, self._jit_kwargs, self._jits = fn, batch_argnum, jit_kwargs, {}
@@ -53,6 +54,10 @@ class _DecodeJit:
 
   def lower(self, *args, **kwargs):
     return self._jit(args).lower(*args, **kwargs)
+
+  def _cache_size(self) -> int:
+    """Compiled variants over all option sets (as jax's private `_cache_size` of a jitted function)."""
+    return sum(j._cache_size() for j in self._jits.values())
 
   def _jit(self, args):
     large = args[self._batch_argnum].shape[0] >= NO_YNN_MIN_BATCH
