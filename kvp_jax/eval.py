@@ -30,6 +30,12 @@ flags.DEFINE_integer("batch_size", 16, "Prompts per batch.")
 flags.DEFINE_list("buckets", None, "Prompt lengths to pad to (default: powers of two from 64).")
 flags.DEFINE_integer("kv_error_examples", 8, "QA prompts over which the per-layer KV error is averaged.")
 flags.DEFINE_integer("seed", 1234, "Seed of the evaluation examples.")
+flags.DEFINE_list("qa_levels", [], "Chat QA levels (easy, long, shared, 2hop) prompted through the tokenizer's chat "
+                  "template, instead of the plain qa / qa_2hop tasks (for an instruction-tuned base).")
+flags.DEFINE_bool("fidelity", False, "Also score first_token_agree / first_token_kl against the base (needs "
+                  "--method=base).")
+flags.DEFINE_bool("code_line_em", True, "Score greedy next-line exact match on code (token accuracy always).")
+flags.DEFINE_bool("add_bos", True, "Start prompts with BOS, as the training documents did.")
 flags.mark_flag_as_required("base_checkpoint")
 
 
@@ -53,7 +59,8 @@ def main(argv):
         code_context_chars=_pair(F.code_context_chars), qa_max_new_tokens=F.qa_max_new_tokens,
         code_max_new_tokens=F.code_max_new_tokens, batch_size=F.batch_size,
         buckets=tuple(int(b) for b in F.buckets) if F.buckets else None, kv_error_examples=F.kv_error_examples,
-        seed=F.seed)
+        seed=F.seed, qa_levels=tuple(F.qa_levels), fidelity=F.fidelity, code_line_em=F.code_line_em,
+        add_bos=F.add_bos)
     specs = [registry.MethodSpec.parse(m) for m in F.method]
     report = eval_runner.evaluate(F.base_checkpoint, specs, ec, F.output_dir, tokenizer=F.tokenizer)
   except (ValueError, CheckpointError, FileNotFoundError) as e:

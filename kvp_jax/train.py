@@ -31,6 +31,10 @@ flags.DEFINE_bool("qa_recap", False, "Restate a QA document's facts before its q
 flags.DEFINE_bool("qa_context_loss", True, "Train on a synthetic QA document's context tokens too; false: its loss "
                   "starts at the recap/questions (the context is random; its loss only adds noise).")
 flags.DEFINE_integer("max_code_files", None, "Cap on stdlib code files in the embedded corpus.")
+flags.DEFINE_enum("qa_format", "plain", ["plain", "chat"], "Synthetic QA as plain documents, or as conversations "
+                  "in the tokenizer's chat template (an instruction-tuned base).")
+flags.DEFINE_bool("add_bos", True, "Start every training document with the tokenizer's BOS (false where BOS is a "
+                  "chat-turn token, as SmolLM2's <|im_start|>).")
 flags.DEFINE_integer("seq_len", 256, "Training sequence length (documents are packed).")
 flags.DEFINE_enum("packing", "documents", ["documents", "concat"],
                   "documents: a document no longer than seq_len+1 stays whole in one window (padding is masked); "
@@ -49,7 +53,11 @@ flags.DEFINE_enum("aux", "lp", ["lp", "c"], "kvp: layer-pruned base copy (KVP-LP
 flags.DEFINE_string("aux_checkpoint", None, "kvp --aux=c: the auxiliary model (pretrain workdir or HF dir).")
 flags.DEFINE_string("aux_model", None, "kvp --aux=c from scratch: ModelConfig fields as JSON.")
 flags.DEFINE_string("predictor", "kv", "kvp: 'kv' (from aux K/V) or 'activation' (from aux layer inputs).")
-flags.DEFINE_enum("predictor_init", "identity", ["identity", "random"], "identity where widths match.")
+flags.DEFINE_enum("predictor_init", "identity", ["identity", "random", "lstsq"], "identity where widths match; "
+                  "lstsq: ridge least squares from the aux's features to the base's K/V on --lstsq_tokens tokens.")
+flags.DEFINE_integer("lstsq_tokens", 4096, "kvp --predictor_init=lstsq: training tokens the fit reads.")
+flags.DEFINE_float("lstsq_ridge", 1e-3, "kvp --predictor_init=lstsq: ridge, relative to the features' mean square.")
+flags.DEFINE_string("init_from", None, "kvp: start aux and predictor from this kvp workdir (e.g. a lstsq fit).")
 flags.DEFINE_list("layer_map", None, "kvp: aux layer feeding each base layer (overrides the paper's map).")
 flags.DEFINE_bool("freeze_aux", False, "kvp: train only the predictor.")
 # loss
@@ -105,7 +113,8 @@ def run():
                            max_code_files=F.max_code_files, qa_questions_per_doc=F.qa_questions_per_doc,
                            qa_distractors=F.qa_distractors, qa_answer_style=F.qa_answer_style,
                            qa_recap=F.qa_recap, qa_context_loss=F.qa_context_loss,
-                           seq_len=F.seq_len, batch_size=F.batch_size, seed=F.seed, packing=F.packing)
+                           seq_len=F.seq_len, batch_size=F.batch_size, seed=F.seed, packing=F.packing,
+                           qa_format=F.qa_format, add_bos=F.add_bos)
   common = dict(workdir=F.workdir, data=data, steps=F.steps, optim=optim, mesh=mesh, save_every=F.save_every,
                 log_every=F.log_every, seed=F.seed, fail_at_step=F.fail_at_step)
   if F.stage == "pretrain":
@@ -130,7 +139,8 @@ def run():
                                 z_loss=F.z_loss, qk_weight=F.qk_weight, attention_mode=F.attention_mode)
     _, rows = stages.kvp(base_checkpoint=F.base_checkpoint, aux=aux, predictor_kind=F.predictor,
                          predictor_init=F.predictor_init, layer_map=_ints(F.layer_map), loss=loss,
-                         freeze_aux=F.freeze_aux, **common)
+                         freeze_aux=F.freeze_aux, lstsq_tokens=F.lstsq_tokens, lstsq_ridge=F.lstsq_ridge,
+                         init_from=F.init_from, **common)
   if rows:
     logging.info("done: first logged loss %.4f, last %.4f (%s/metrics.jsonl)", rows[0]["loss"], rows[-1]["loss"],
                  F.workdir)
@@ -142,7 +152,8 @@ def main(argv):
   from kvp_jax.models.hf_checkpoint import CheckpointError
 
   # orbax logs every step of every save at INFO; keep the log to our progress lines.
-  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
+  logging.get_absl_handler().addFilter(
+      lambda r: "orbax" not in r.pathname and not ("xla_bridge" in r.pathname and r.levelno < 30))  # jax's backend probe
   try:
     run()
   except (ValueError, CheckpointError, FileNotFoundError) as e:

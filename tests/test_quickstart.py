@@ -1,17 +1,22 @@
-"""The quickstart's smoke preset end to end (every stage, then eval) and its rerun reusing every stage; the plan
-with ablations. Run as a subprocess: it is the command CI and users type."""
+"""The quickstart's smoke presets end to end (every stage, then eval) and their reruns reusing every stage: the tiny
+path (a base trained here) and the real-base path (smollm2-smoke on a tiny random Llama with a chat template); the
+plans with ablations. Run as a subprocess: it is the command CI and users type."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import tiny_chat_model_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quickstart(workdir, *extra):
-  cmd = [sys.executable, "-m", "kvp_jax.quickstart", f"--workdir={workdir}", "--preset=smoke", *extra]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _quickstart(workdir, *extra, preset="smoke", ok=True):
+  cmd = [sys.executable, "-m", "kvp_jax.quickstart", f"--workdir={workdir}", f"--preset={preset}", *extra]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  if not ok:
+    return proc
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
 
@@ -48,7 +53,7 @@ def test_smoke_preset_end_to_end_then_reuses_every_stage(tmp_path):
 
 def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
   code = ("from kvp_jax import quickstart as q; from pathlib import Path; import json; "
-          "p = q.PRESETS['default']; st = q.plan(p, ablations=True); "
+          "p = q.PRESETS['tiny']; st = q.plan(p, ablations=True); "
           "print(json.dumps([[s['name'] for s in st], q.method_specs(p, st, Path('/w'))]))")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -62,3 +67,63 @@ def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
   assert "aux_only:c@/w/aux_c" in specs and specs[0] == "base"
   # SwiftKV at their Llama cutoff (0.5) and at 0.25, trained as KV Prediction is, evaluated from its workdir
   assert {"swiftkv_0.50", "swiftkv_0.25"} <= set(names) and "swiftkv@/w/swiftkv_0.50" in specs
+
+
+def test_smollm2_path_end_to_end_on_a_tiny_chat_model_then_reuses_every_stage(tmp_path):
+  base = tiny_chat_model_dir(tmp_path / "base")
+  wd = tmp_path / "run"
+  out = _quickstart(wd, f"--base={base}", preset="smollm2-smoke")
+  assert "matmul" in out  # the machine record: CPU and measured matmul peak beside the times
+  report = json.loads((wd / "eval" / "report.json").read_text())
+  assert report["tasks"] == ["qa_easy_em", "qa_2hop_em", "code_token_acc", "first_token_agree", "first_token_kl"]
+  rows = {r["label"]: r for r in report["results"]}
+  assert {"base", "lp_alone[lp0.50]", "kvp[lp0.50](train_steps=0)", "kvp[lp0.50]"} <= set(rows)
+  assert {r["method"] for r in rows.values()} == {"base", "lp_alone", "kvp", "kvp_recompute", "lazyllm",
+                                                  "random_prune", "static_prune", "swiftkv", "specprefill",
+                                                  "gemfilter"}
+  for r in rows.values():
+    assert set(r["metrics"]) == set(r["stderr"]) == set(r["n"]) == set(report["tasks"])
+    assert r["n"]["qa_easy_em"] == 4 and r["n"]["first_token_kl"] == 4 + 4 + 4
+    assert len(r["per_example"]["first_token_agree"]) == 12
+  assert rows["base"]["metrics"]["first_token_agree"] == 1.0 and rows["base"]["metrics"]["first_token_kl"] == 0.0
+  # the least-squares fit was written, and the trained row started from it
+  fit = json.loads((wd / "kvp_lp0.50_lstsq" / "lstsq.json").read_text())
+  assert fit["tokens"] >= 256 and len(fit["r2_k"]) == 4 and fit["r2_k"][0] > 0.99  # base layer 0 is the aux's own
+  cfg = json.loads((wd / "kvp_lp0.50" / "kvp_config.json").read_text())
+  assert cfg["init_from"].endswith("kvp_lp0.50_lstsq") and cfg["base_checkpoint"] == str(base.absolute())
+  eq = [e for e in report["equal_flops"] if e["metric"] == "first_token_kl"]
+  assert len(eq) == 2 and all(e["aux_alone_method"] == "lp_alone" and e["diff_se"] is not None for e in eq)
+  for f in ("report.md", "pareto.png", "kv_error.png"):
+    assert (wd / "eval" / f).stat().st_size > 0
+  assert "first_token_kl (n=12)" in (wd / "eval" / "report.md").read_text()
+  flags = (wd / "eval.flags").read_text()
+  assert "--qa_levels=easy,2hop" in flags and "--fidelity=True" in flags
+
+  again = _quickstart(wd, f"--base={base}", preset="smollm2-smoke")
+  assert again.count("reused") == 5, again  # LP alone, the fit, KVP training, SwiftKV, and the evaluation
+
+
+def test_smollm2_plan_fits_then_trains_each_aux_and_ablations_share_the_fit():
+  code = ("from kvp_jax import quickstart as q; from pathlib import Path; import json; "
+          "p = q.PRESETS['smollm2']; st = q.plan(p, ablations=True, base='/b'); "
+          "print(json.dumps([[s['name'], s['needs']] for s in st] + [q.method_specs(p, st, Path('/w'))]))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  *stages, specs = json.loads(proc.stdout)
+  needs = dict(stages)
+  for f in ("lp0.25", "lp0.50", "lp0.75"):
+    assert needs[f"lp_alone_{f}"] == [] and needs[f"kvp_{f}_lstsq"] == [] and needs[f"kvp_{f}"] == [f"kvp_{f}_lstsq"]
+    assert f"kvp:{f}@/w/kvp_{f}_lstsq;train_steps=0" in specs and f"kvp:{f}@/w/kvp_{f}" in specs
+  assert "base" not in needs and "aux_c" not in needs  # the base is frozen and given; no KVP-C
+  assert needs["kvp_lp0.50_kv_reduce-sum"] == ["kvp_lp0.50_lstsq"]  # training-only ablations share the main fit
+  assert needs["kvp_lp0.50_predictor-activation"] == ["kvp_lp0.50_predictor-activation_lstsq"]
+  assert specs[0] == "base" and not any(s.startswith("aux_only") for s in specs)
+  assert needs["swiftkv_0.50"] == [] and "swiftkv@/w/swiftkv_0.50" in specs  # SwiftKV trains from the frozen base
+  assert "specprefill:lp0.25@/w/lp_alone_lp0.25;keep=0.3" in specs  # its draft is the LP-alone model
+
+
+def test_real_base_flags_fail_in_one_line(tmp_path):
+  proc = _quickstart(tmp_path / "a", preset="smollm2-smoke", ok=False)
+  assert proc.returncode == 2 and "--base" in proc.stderr.strip().splitlines()[-1]
+  proc = _quickstart(tmp_path / "b", f"--base={tmp_path}", preset="smoke", ok=False)
+  assert proc.returncode == 2 and "pretrained base" in proc.stderr.strip().splitlines()[-1]

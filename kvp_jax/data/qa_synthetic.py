@@ -269,6 +269,83 @@ def training_documents(n: int, seed: int, num_facts_range: tuple[int, int] = (16
   return docs
 
 
+# ---------------------------------------------------------------------------------------------- chat format
+# For an instruction-tuned model (e.g. SmolLM2-135M-Instruct): the context and question are one user turn, the
+# answer the assistant's sentence. The caller renders the messages with its tokenizer's chat template.
+
+CHAT_LEVELS = {  # name -> (distractors, num_facts range, hops): the levels the real-model evaluation reports
+    "easy": ("distinct", (8, 20), 1),
+    "long": ("distinct", (20, 24), 1),
+    "shared": ("shared", (16, 40), 1),
+    "2hop": ("distinct", (8, 20), 2),
+}
+MAX_DISTINCT_FACTS = 24  # distinct names run out past this (FIRST_NAMES x LAST_NAMES without sharing, 12 places)
+
+
+def chat_question(context: str, question: str) -> str:
+  """The user turn of a chat-format QA example: the facts, then the question."""
+  return f"{context}\nQuestion: {question}"
+
+
+def chat_examples(n: int, seed: int, level: str) -> list[dict]:
+  """n examples of one CHAT_LEVELS level: dict(messages (the user turn), answer, completion (the reference
+  sentence), hops). Same seed, same examples."""
+  if level not in CHAT_LEVELS:
+    raise ValueError(f"unknown QA level {level!r}; choose one of {sorted(CHAT_LEVELS)}")
+  distractors, facts, hops = CHAT_LEVELS[level]
+  data = make_dataset(n, seed, facts, hops=hops, distractors=distractors, answer_style="sentence")
+  return [dict(messages=[{"role": "user", "content": chat_question(d["context"], d["question"])}],
+               answer=d["answer"], completion=d["completion"].strip(), hops=hops) for d in data]
+
+
+def chat_conversations(n: int, seed: int, num_facts_range: tuple[int, int] = (8, 40), hops: tuple[int, ...] = (1, 2),
+                       filler_ratio: float = 0.3, questions_per_doc: int = 1,
+                       distractors: str = "mixed") -> list[list[dict]]:
+  """Training conversations: the context and first question as a user turn, each answer (a sentence) as an
+  assistant turn, each further question as its own user turn. distractors: "shared", "distinct" or "mixed"
+  (alternating per document, hop counts alternating too; distinct documents hold at most 24 facts)."""
+  if distractors not in DISTRACTORS + ("mixed",):
+    raise ValueError(f"distractors must be one of {DISTRACTORS + ('mixed',)}, got {distractors!r}")
+  rng = random.Random(seed)
+  lo, hi = num_facts_range
+  out = []
+  for i in range(n):
+    d = distractors if distractors != "mixed" else DISTRACTORS[(i // len(hops)) % 2]
+    nf = rng.randint(lo, hi)
+    if d == "distinct":
+      nf = max(2 * hops[i % len(hops)], min(nf, MAX_DISTINCT_FACTS))
+    ex = make_example(rng, nf, hops=hops[i % len(hops)], filler_ratio=filler_ratio, distractors=d,
+                      answer_style="sentence")
+    qa = [(ex["question"], ex["answer"])]
+    if questions_per_doc > 1:
+      others = [q for q in _context_questions(ex["context"]) if q[0] != ex["question"]]
+      qa += rng.sample(others, min(questions_per_doc - 1, len(others)))
+      rng.shuffle(qa)
+    msgs = []
+    for k, (q, a) in enumerate(qa):
+      msgs.append({"role": "user", "content": chat_question(ex["context"], q) if k == 0 else f"Question: {q}"})
+      msgs.append({"role": "assistant", "content": _answer_sentence(ex["context"], q, a)})
+    out.append(msgs)
+  return out
+
+
+CHATML_ASSISTANT = "<|im_start|>assistant\n"
+
+
+def chat_loss_start(text: str) -> int | None:
+  """Where a ChatML-rendered training conversation's first assistant reply starts (None for other texts): its
+  loss then covers the answers and later questions, not the randomly drawn context (as `loss_start`)."""
+  if not text.startswith("<|im_start|>"):
+    return None
+  i = text.find(CHATML_ASSISTANT)
+  return None if i < 0 else i + len(CHATML_ASSISTANT)
+
+
+def any_loss_start(text: str) -> int | None:
+  """`loss_start` for plain QA documents, `chat_loss_start` for ChatML ones, None for anything else."""
+  return chat_loss_start(text) if text.startswith("<|im_start|>") else loss_start(text)
+
+
 _BOUNDARY = re.compile(r"\n(?:Recap:\n|Question: )")
 
 

@@ -1,8 +1,9 @@
 """The evaluation's figures, drawn from report.json's plain data alone (so they can be redrawn without
 rerunning eval, and this module imports nothing of the runner).
 
-- pareto.png: accuracy against TTFT FLOPs (ours), one point per method, one panel per task; each method kind
-  has its own marker, points are labelled with their aux, and kvp ablation variants are open markers.
+- pareto.png: accuracy against TTFT FLOPs (ours), one point per method with its standard error, one panel per
+  metric (fidelity to the base included); each method kind has its own marker, points are labelled with their
+  aux, and kvp variants (settings) are open markers.
 - kv_error.png: per base layer, the mean L1 error of the predicted K and V against the base's own cache.
 """
 
@@ -32,12 +33,13 @@ def _point_label(r: dict) -> str:
   """The aux name, plus the varied settings for a kvp ablation row (other methods' settings are in the legend)."""
   label = r.get("aux", "")
   if r["method"] == "kvp" and r.get("settings"):
-    label += " " + ",".join(str(v) for v in r["settings"].values())
+    label += " " + ",".join(f"{k}={v}" for k, v in r["settings"].items())
   return label
 
 
-def pareto(report: dict, path, task_of_metric: dict[str, str]) -> Path:
-  """task_of_metric: metric -> the task key of `ttft_flops_by_task` its x value is read from."""
+def pareto(report: dict, path, task_of_metric: dict[str, str], unbounded=("first_token_kl",)) -> Path:
+  """task_of_metric: metric -> the task key of `ttft_flops_by_task` its x value is read from; `unbounded`: metrics
+  not in [0, 1] (drawn on their own scale). Error bars: one standard error, where the report has them."""
   tasks = report["tasks"]
   cols = min(2, len(tasks))
   rows = -(-len(tasks) // cols)
@@ -50,15 +52,26 @@ def pareto(report: dict, path, task_of_metric: dict[str, str]) -> Path:
       color, marker = _style(r["method"], seen)
       x, y = r["ttft_flops_by_task"][task_of_metric[t]], r["metrics"][t]
       ablation = r["method"] == "kvp" and bool(r.get("settings"))  # same method, open marker
+      se = r.get("stderr", {}).get(t)
+      if se is not None and se == se and se > 0:  # one standard error
+        ax.errorbar([x], [y], yerr=[se], fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.6, zorder=2)
       h = ax.scatter([x], [y], c="none" if ablation else color, edgecolors=color, marker=marker, s=60, zorder=3)
       if not ablation:
         handles.setdefault(r["method"], h)
       ax.annotate(_point_label(r), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     # Zoom to the points when they all sit low (e.g. token accuracy 0.14-0.20): a fixed [0, 1] axis would
     # flatten differences larger than the noise; the axis still starts at 0 so heights compare honestly.
-    top = max([r["metrics"][t] for r in report["results"] if t in r["metrics"]] + [0.0])
-    hi = 1.0 if top > 0.5 else max(0.05, 1.25 * top)
-    ax.set(xscale="log", xlabel="TTFT FLOPs per prompt (ours)", ylabel=t, title=t, ylim=(-0.03 * hi, 1.03 * hi))
+    top = max([r["metrics"][t] + (r.get("stderr", {}).get(t) or 0.0) for r in report["results"]
+               if t in r["metrics"]] + [0.0])
+    if t in unbounded:  # a divergence (nats): its own scale, lower is better
+      hi = max(top * 1.1, 1e-3)
+      title = f"{t} (lower is better)"
+    else:
+      hi = 1.0 if top > 0.5 else max(0.05, 1.25 * top)
+      title = t
+    n = next((r["n"][t] for r in report["results"] if t in r.get("n", {})), None)
+    title += "" if n is None else f", n={n}"
+    ax.set(xscale="log", xlabel="TTFT FLOPs per prompt (ours)", ylabel=t, title=title, ylim=(-0.03 * hi, 1.03 * hi))
     ax.grid(True, which="both", alpha=0.3)
   for ax in list(axes.flat)[len(tasks):]:
     ax.axis("off")

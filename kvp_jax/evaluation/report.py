@@ -2,7 +2,9 @@
 
 report.json: `tasks` (metric names); `results`, one per method: method, aux (absent for the base), label,
 settings (if any), ttft_flops / ttft_flops_paper (at the mean length of all prompts), ttft_flops_by_task /
-ttft_flops_paper_by_task (keyed qa, qa_2hop, code), metrics (metric -> [0, 1]), eval_s, spec; `gap_recovered`
+ttft_flops_paper_by_task (keyed by task: qa, qa_2hop, code, ..., and "all"), metrics (metric -> value),
+stderr (metric -> its standard error), n (metric -> examples), per_example (metric -> per-example scores;
+for a ratio metric the numerators, with per_example_den the denominators), eval_s, spec; `gap_recovered`
 (aux -> metric -> share of the aux-to-base gap, null where there is no gap); `equal_flops`; `rivals` (each
 rival row against KV Prediction at no more FLOPs and at the nearest FLOPs); `kv_error`
 (kvp label -> per-layer K and V L1 error); `prompt_len_mean`; `config`; `env`.
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvp_jax.evaluation.tasks import TASK_OF_METRIC
+from kvp_jax.evaluation import stats
+from kvp_jax.evaluation.tasks import LOWER_IS_BETTER, TASK_OF_METRIC
 from kvp_jax.models import checkpoints
 
 # Rows compared against the base to get "the aux-to-base gap": the aux model alone, else the pruned model alone.
@@ -42,10 +45,21 @@ def gap_recovered(results: list[dict]) -> dict[str, dict[str, float | None]]:
   return out
 
 
+def _paired(r: dict, ref: dict, metric: str) -> tuple[float | None, float | None]:
+  """(r - ref, its standard error) on metric from paired per-example scores; None where either lacks them."""
+  a, b = r.get("per_example", {}).get(metric), ref.get("per_example", {}).get(metric)
+  if a is None or b is None or len(a) != len(b):
+    return None, None
+  return stats.paired_difference(a, b, r.get("per_example_den", {}).get(metric))
+
+
 def equal_flops(results: list[dict]) -> list[dict]:
-  """For every kvp row and metric: its value, its own aux alone (the paper's equal FLOPs), and the best of base /
-  aux_only / lp_alone spending at most the kvp row's TTFT FLOPs (ours)."""
+  """For every kvp row and metric: its value, its own aux alone (the paper's equal FLOPs) with the paired
+  difference kvp - aux alone and its standard error, the share of the aux-to-base gap it recovers, and the best of
+  base / aux_only / lp_alone spending at most the kvp row's TTFT FLOPs (ours; best = lowest for a lower-is-better
+  metric)."""
   baselines = [r for r in results if r["method"] in ("base",) + BASELINE_METHODS and not r.get("settings")]
+  base = next((r for r in results if r["method"] == "base"), None)
   out = []
   for r in results:
     if r["method"] != "kvp":
@@ -55,10 +69,18 @@ def equal_flops(results: list[dict]) -> list[dict]:
       task = TASK_OF_METRIC[t]
       f = r["ttft_flops_by_task"][task]
       cheaper = [b for b in baselines if b["ttft_flops_by_task"][task] <= f]
-      best = max(cheaper, key=lambda b: b["metrics"][t], default=None)
+      sign = -1 if t in LOWER_IS_BETTER else 1
+      best = max(cheaper, key=lambda b: sign * b["metrics"][t], default=None)
+      diff, diff_se = (None, None) if ref is None else _paired(r, ref, t)
+      gap = None
+      if ref is not None and base is not None and abs(base["metrics"][t] - ref["metrics"][t]) > 1e-12:
+        gap = (v - ref["metrics"][t]) / (base["metrics"][t] - ref["metrics"][t])
       out.append({"label": r["label"], "aux": r["aux"], "metric": t, "kvp": v, "ttft_flops": f,
+                  "kvp_se": r.get("stderr", {}).get(t),
                   "aux_alone": None if ref is None else ref["metrics"][t],
                   "aux_alone_method": None if ref is None else ref["method"],
+                  "aux_alone_ttft_flops": None if ref is None else ref["ttft_flops_by_task"][task],
+                  "diff_vs_aux_alone": diff, "diff_se": diff_se, "gap_recovered": gap,
                   "best_baseline_at_most_flops": None if best is None else best["metrics"][t],
                   "best_baseline_label": None if best is None else best["label"]})
   return out
@@ -96,30 +118,54 @@ def _fmt(v) -> str:
   return "-" if v is None else f"{v:.3f}"
 
 
+def _fmt_se(v, se) -> str:
+  if v is None:
+    return "-"
+  return f"{v:.3f}" if se is None or se != se else f"{v:.3f} ± {se:.3f}"  # se != se: NaN (one example)
+
+
+def _header(tasks: list[str], rows: list[dict]) -> list[str]:
+  """Metric names with their number of examples (the same for every row of one evaluation)."""
+  out = []
+  for t in tasks:
+    n = next((r["n"][t] for r in rows if t in r.get("n", {})), None)
+    out.append(t if n is None else f"{t} (n={n})")
+  return out
+
+
 def markdown(report: dict) -> str:
-  """The main table (one row per method), then the closing figures: equal-FLOPs comparison and gap recovered."""
+  """The main table (one row per method, value ± standard error), then the closing figures: equal-FLOPs
+  comparison and gap recovered."""
   tasks, rows = report["tasks"], report["results"]
   base = next((r for r in rows if r["method"] == "base"), None)
   lines = [f"TTFT FLOPs per prompt at the mean prompt length ({report['prompt_len_mean_all']:.0f} tokens); "
-           "speed-up = base FLOPs / method FLOPs (ours).", "",
+           "speed-up = base FLOPs / method FLOPs (ours); each metric as value ± standard error, n examples "
+           "(code_token_acc: n files' next lines, the error clustered by example)"
+           + ("; first_token_kl in nats, lower is better." if "first_token_kl" in tasks else "."), "",
            "| method | aux | settings | TTFT GFLOPs (ours) | TTFT GFLOPs (paper) | speed-up | "
-           + " | ".join(tasks) + " |", "|" + "---|" * (6 + len(tasks))]
+           + " | ".join(_header(tasks, rows)) + " |", "|" + "---|" * (6 + len(tasks))]
   for r in rows:
     settings = ",".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) or "-"
     speed = f"{base['ttft_flops'] / r['ttft_flops']:.2f}x" if base else "-"
     lines.append(f"| {r['method']} | {r.get('aux', '-')} | {settings} | {r['ttft_flops'] / 1e9:.4g} | "
                  f"{r['ttft_flops_paper'] / 1e9:.4g} | {speed} | "
-                 + " | ".join(_fmt(r["metrics"].get(t)) for t in tasks) + " |")
+                 + " | ".join(_fmt_se(r["metrics"].get(t), r.get("stderr", {}).get(t)) for t in tasks) + " |")
   eq = report.get("equal_flops", [])
   if eq:
-    lines += ["", "At equal TTFT FLOPs: KV Prediction, its aux alone (equal FLOPs as the paper counts them), and "
-              "the best of base / aux alone / LP alone spending no more FLOPs than it (ours).", "",
-              "| kvp | metric | kvp | aux alone | best baseline at <= FLOPs |", "|---|---|---|---|---|"]
+    paired = any(e.get("diff_vs_aux_alone") is not None for e in eq)
+    lines += ["", "At equal TTFT FLOPs: KV Prediction, its aux alone (equal FLOPs as the paper counts them)"
+              + (", their paired difference ± its standard error, the share of the aux-to-base gap recovered"
+                 if paired else "")
+              + ", and the best of base / aux alone / LP alone spending no more FLOPs than it (ours).", "",
+              "| kvp | metric | kvp | aux alone |" + (" kvp - aux alone | gap recovered |" if paired else "")
+              + " best baseline at <= FLOPs |", "|---|---|---|---|" + ("---|---|" if paired else "") + "---|"]
     for e in eq:
       best = "-" if e["best_baseline_label"] is None else (
           f"{_fmt(e['best_baseline_at_most_flops'])} ({e['best_baseline_label']})")
       alone = "-" if e["aux_alone"] is None else f"{_fmt(e['aux_alone'])} ({e['aux_alone_method']})"
-      lines.append(f"| {e['label']} | {e['metric']} | {_fmt(e['kvp'])} | {alone} | {best} |")
+      extra = (f" {_fmt_se(e.get('diff_vs_aux_alone'), e.get('diff_se'))} | {_fmt(e.get('gap_recovered'))} |"
+               if paired else "")
+      lines.append(f"| {e['label']} | {e['metric']} | {_fmt_se(e['kvp'], e.get('kvp_se'))} | {alone} |{extra} {best} |")
   riv = report.get("rivals", [])
   if riv:
     lines += ["", "Rivals against KV Prediction: the best kvp row spending no more TTFT FLOPs (ours), and the kvp row "

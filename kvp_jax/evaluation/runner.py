@@ -3,7 +3,8 @@
 `evaluate` builds each method from its spec (registry.py), scores it on every task (tasks.py, scoring.py),
 counts its TTFT FLOPs at each task's mean prompt length, ours (aux, predictor, the base's last-token step,
 attention) and the paper's (N x aux cost per token), and writes report.json / report.md (report.py) and the
-plots (plots.py).
+plots (plots.py). Every metric comes with its standard error and number of examples (stats.py), and its
+per-example scores, so two rows compare by paired differences.
 Shape legend: see kvp_jax/models/config.py.
 """
 
@@ -22,7 +23,7 @@ from kvp_jax.data import tokenizer as tok_lib
 from kvp_jax.evaluation import plots
 from kvp_jax.evaluation.registry import BUILDERS, MethodSpec, Models, spec_label
 from kvp_jax.evaluation.report import equal_flops, gap_recovered, rivals, write_report
-from kvp_jax.evaluation.scoring import evaluate_method
+from kvp_jax.evaluation.scoring import score_method
 from kvp_jax.evaluation.tasks import METRICS, TASK_OF_METRIC, EvalConfig, Task, make_tasks, newline_counts
 from kvp_jax.kvp import inference
 from kvp_jax.models import checkpoints, generation
@@ -58,25 +59,43 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
   mean_len = {t.name: t.mean_prompt_len for t in tasks}
   overall = float(np.mean([len(e.prompt_ids) for t in tasks for e in t.examples]))
   log("eval prompts: " + ", ".join(f"{t.name} {len(t.examples)} x {mean_len[t.name]:.0f} tokens" for t in tasks))
-  results = []
-  for i, spec in enumerate(specs):
+  if ec.fidelity and not any(s.method == "base" and not s.path for s in specs):
+    raise ValueError("fidelity metrics compare every method with the base: add the method 'base'")
+  # The base first: its first-token distributions are the reference of every other row's fidelity.
+  order = sorted(range(len(specs)), key=lambda i: not (ec.fidelity and specs[i].method == "base" and not specs[i].path))
+  results, reference, t_begin = [None] * len(specs), None, time.time()
+  for k, i in enumerate(order):
+    spec = specs[i]
     t0 = time.time()
     m = BUILDERS[spec.method](spec, models)
-    metrics = evaluate_method(m, tasks, tok, ec, pad_id, nl_counts)
+    is_reference = ec.fidelity and reference is None
+    scores = score_method(m, tasks, tok, ec, pad_id, nl_counts, reference=reference, keep_first=is_reference)
+    if is_reference:
+      reference = scores.first
+      n_all = sum(len(t.examples) for t in tasks)
+      # the reference itself: agreement 1 and KL 0 by definition (the same program's own logits)
+      scores.values.update(first_token_agree=np.ones(n_all), first_token_kl=np.zeros(n_all))
+    metrics, stderr, n = scores.summary()
     row = {"method": m.name, "label": m.label, "ttft_flops": m.ttft_flops(round(overall)),
            "ttft_flops_paper": m.ttft_flops_paper(round(overall)),
-           "ttft_flops_by_task": {k: m.ttft_flops(round(n)) for k, n in mean_len.items()},
-           "ttft_flops_paper_by_task": {k: m.ttft_flops_paper(round(n)) for k, n in mean_len.items()},
-           "metrics": metrics, "eval_s": time.time() - t0, "spec": str(spec)}
+           "ttft_flops_by_task": {**{k_: m.ttft_flops(round(v)) for k_, v in mean_len.items()},
+                                  "all": m.ttft_flops(round(overall))},
+           "ttft_flops_paper_by_task": {**{k_: m.ttft_flops_paper(round(v)) for k_, v in mean_len.items()},
+                                        "all": m.ttft_flops_paper(round(overall))},
+           "metrics": metrics, "stderr": stderr, "n": n,
+           "per_example": {k_: np.asarray(v).tolist() for k_, v in scores.values.items()},
+           "per_example_den": {k_: np.asarray(v).tolist() for k_, v in scores.den.items()},
+           "eval_s": time.time() - t0, "spec": str(spec)}
     if m.aux is not None:
       row["aux"] = m.aux
     if m.settings:
       row["settings"] = m.settings
-    results.append(row)
-    log(f"  [{i + 1}/{len(specs)}] {m.label}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-        + f" ({row['eval_s']:.1f}s)")
+    results[i] = row
+    eta = (time.time() - t_begin) / (k + 1) * (len(specs) - k - 1)
+    log(f"  [{k + 1}/{len(specs)}] {m.label}: " + " ".join(f"{k_} {v:.3f}" for k_, v in metrics.items())
+        + f" ({row['eval_s']:.1f}s, eval ETA {int(eta) // 60}m{int(eta) % 60:02d}s)")
   kvp_specs = [s for s in specs if s.method == "kvp"]
-  qa = next(t for t in tasks if t.name == "qa")
+  qa = next(t for t in tasks if t.name.startswith("qa"))
   report = {
       "tasks": [k for k in METRICS if any(k in r["metrics"] for r in results)],
       "results": results,

@@ -77,6 +77,7 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
           log_every: int = 10, fail_at_step: int | None = None, frozen_for_checkpoint: Any = None,
           params_for_checkpoint: Callable[[Any], Any] | None = None):
   """Runs (or resumes) training to `steps`. Returns (trainable params, list of logged metric rows).
+  steps=0 saves the initial params as checkpoint 0.
 
   params_for_checkpoint: maps the trainable pytree to what is saved as `params` (e.g. adds a frozen aux so a
   kvp workdir always holds complete inference params); its inverse is `loss_fn`'s concern, not ours.
@@ -116,6 +117,9 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
     metrics["grad_norm"] = optax.global_norm(grads)
     return optax.apply_updates(trainable, updates), opt_state, metrics
 
+  if steps == 0 and start == 0:  # nothing to train: the starting point (e.g. a least-squares fit) is the result
+    ckpt.save(0, to_saved(trainable), {"opt_state": opt_state, "step": jnp.asarray(0, jnp.int32)}, data_iter,
+              force=True)
   step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
   rows, t_last, step_last = [], time.time(), start
   t_begin = time.time()

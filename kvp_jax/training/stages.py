@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import random
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +46,34 @@ class DataConfig:
   batch_size: int = 8
   seed: int = 0
   packing: str = "documents"  # "documents": no document split unless longer than a window; or "concat"
+  qa_format: str = "plain"  # "plain" documents, or "chat": conversations in the tokenizer's chat template
+  add_bos: bool = True  # False for a model whose BOS is a chat-turn token (SmolLM2's <|im_start|>)
 
 
-def texts_for(dc: DataConfig) -> list[str]:
-  if dc.source == EMBEDDED:
+QA_FORMATS = ("plain", "chat")
+
+
+def texts_for(dc: DataConfig, tok=None) -> list[str]:
+  """The training documents; qa_format="chat" renders the synthetic QA with `tok`'s chat template."""
+  if dc.qa_format not in QA_FORMATS:
+    raise ValueError(f"qa_format must be one of {QA_FORMATS}, got {dc.qa_format!r}")
+  if dc.source != EMBEDDED:
+    return pipeline.load_texts(dc.source)
+  if dc.qa_format == "plain":
     return pipeline.mixed_pretraining_texts(num_qa_docs=dc.num_qa_docs, seed=dc.seed,
                                             max_code_files=dc.max_code_files, num_facts_range=dc.qa_num_facts,
                                             questions_per_doc=dc.qa_questions_per_doc,
                                             distractors=dc.qa_distractors, answer_style=dc.qa_answer_style,
                                             recap=dc.qa_recap)
-  return pipeline.load_texts(dc.source)
+  if tok is None or not getattr(tok, "chat_template", None):
+    raise ValueError("qa_format='chat' needs a tokenizer with a chat template (an instruction-tuned base's)")
+  from kvp_jax.data import code_corpus, qa_synthetic
+  convs = qa_synthetic.chat_conversations(dc.num_qa_docs, dc.seed, dc.qa_num_facts,
+                                          questions_per_doc=dc.qa_questions_per_doc, distractors=dc.qa_distractors)
+  texts = code_corpus.code_documents("train", dc.max_code_files)
+  texts += [tok.apply_chat_template(c, tokenize=False) for c in convs]
+  random.Random(dc.seed).shuffle(texts)
+  return texts
 
 
 def get_tokenizer(spec: str, workdir: Path, texts: list[str] | None):
@@ -80,12 +100,12 @@ def _data_iter(dc: DataConfig, texts, tok):
   loss_start = None
   if not dc.qa_context_loss:
     from kvp_jax.data import qa_synthetic
-    if not any(qa_synthetic.loss_start(t) is not None for t in texts):
+    loss_start = qa_synthetic.any_loss_start if dc.qa_format == "chat" else qa_synthetic.loss_start
+    if not any(loss_start(t) is not None for t in texts):
       raise ValueError("qa_context_loss=False, but no document is a synthetic QA document; it applies to "
                        "--data=embedded only")
-    loss_start = qa_synthetic.loss_start
   return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed, packing=dc.packing,
-                                   loss_start=loss_start)
+                                   loss_start=loss_start, add_bos=dc.add_bos)
 
 
 def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_keep: tuple[int, ...] | None,
@@ -93,8 +113,9 @@ def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_kee
              mesh, save_every: int, log_every: int, seed: int = 0, fail_at_step: int | None = None):
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  texts = texts_for(data)
+  texts = texts_for(data) if data.qa_format == "plain" else None  # a chat corpus needs the tokenizer first
   tok = get_tokenizer(tokenizer, workdir, texts)
+  texts = texts if texts is not None else texts_for(data, tok)
   if init_checkpoint:
     cfg, init_params = checkpoints.load_model(init_checkpoint)
     if lp_keep is not None:
@@ -118,16 +139,33 @@ def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_kee
                     log_every=log_every, fail_at_step=fail_at_step)
 
 
+PREDICTOR_INITS = predictor.INITS + ("lstsq",)
+
+
 def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kind: str, predictor_init: str,
         layer_map: tuple[int, ...] | None, loss: losses.KVPLossConfig, freeze_aux: bool, data: DataConfig,
         steps: int, optim: loop.OptimConfig, mesh, save_every: int, log_every: int, seed: int = 0,
-        fail_at_step: int | None = None):
+        fail_at_step: int | None = None, lstsq_tokens: int = 4096, lstsq_ridge: float = 1e-3,
+        init_from: str | None = None):
+  """KV Prediction against a frozen base. The predictor starts as `predictor_init`: identity / random, or
+  "lstsq", ridge least squares on the first `lstsq_tokens` tokens of a pass over the training data
+  (kvp_jax/kvp/lstsq.py; its fit is written to lstsq.json). init_from: a kvp workdir whose aux and predictor
+  to start from instead (the same aux and predictor shapes); steps=0 saves the starting point as step 0."""
   workdir = Path(workdir)
   if not base_checkpoint:
     raise ValueError("--stage=kvp needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
+  if predictor_init not in PREDICTOR_INITS:
+    raise ValueError(f"unknown predictor init {predictor_init!r}; choose one of {PREDICTOR_INITS}")
   base_cfg, base = checkpoints.load_model(base_checkpoint)
-  kcfg, kp0 = inference.build(base_cfg, base, aux, kind=predictor_kind, init=predictor_init, layer_map=layer_map,
+  kcfg, kp0 = inference.build(base_cfg, base, aux, kind=predictor_kind,
+                              init="identity" if predictor_init == "lstsq" else predictor_init, layer_map=layer_map,
                               seed=seed)
+  if init_from:
+    from kvp_jax.kvp import checkpoints as kvp_checkpoints
+    kcfg_from, _, kp0 = kvp_checkpoints.load_kvp(init_from, base_params=base)
+    if kcfg_from != kcfg:
+      raise ValueError(f"--init_from={init_from} holds another aux/predictor ({kcfg_from.aux.num_layers} aux layers, "
+                       f"kind {kcfg_from.kind}) than this run ({kcfg.aux.num_layers}, {kcfg.kind})")
   aux_cfg, aux_params, pred0 = kcfg.aux, kp0.aux, kp0.pred
   if aux.kind == "c" and aux.checkpoint:
     try:
@@ -138,13 +176,19 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
         raise
       logging.warning("could not compare tokenizers (%s); vocab sizes match", e)
   workdir.mkdir(parents=True, exist_ok=True)
-  texts = texts_for(data)
-  tok = get_tokenizer(str(base_checkpoint), workdir, texts)
+  tok = get_tokenizer(str(base_checkpoint), workdir, None)
+  texts = texts_for(data, tok)
   _check_vocab(base_cfg, tok, "the base")
   checkpoints.write_json(workdir / checkpoints.KVP_CONFIG, {
       "kvp": kcfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
           base_checkpoint).exists() else base_checkpoint,
-      "loss": dataclasses.asdict(loss), "aux": dataclasses.asdict(aux), "freeze_aux": freeze_aux})
+      "loss": dataclasses.asdict(loss), "aux": dataclasses.asdict(aux), "freeze_aux": freeze_aux,
+      "predictor_init": predictor_init, "init_from": init_from})
+  ck = checkpoints.Checkpointer(workdir, save_every=1)
+  resuming = ck.latest_step() is not None  # the fit is in the checkpoint already
+  ck.close()
+  if predictor_init == "lstsq" and not init_from and not resuming:
+    pred0 = fit_lstsq(kcfg, base, aux_params, data, texts, tok, lstsq_tokens, lstsq_ridge, workdir)
   base_f = jax.tree.map(jnp.asarray, base)  # frozen: closed over, no grads, no optimizer state
   frozen = {"aux": aux_params} if freeze_aux else {}
   loss_fn = lambda t, batch: losses.kvp_loss(kcfg, loss, t, frozen, base_f, batch)
@@ -164,6 +208,23 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
   return trainable, rows
 
 
+def fit_lstsq(kcfg, base, aux_params, data: DataConfig, texts, tok, num_tokens: int, ridge: float, workdir: Path):
+  """The least-squares predictor on the first `num_tokens` tokens of the training texts, packed end to end
+  (every token a fitting token; a seed of its own, so the fit does not just replay the first training batches)."""
+  from kvp_jax.kvp import lstsq
+  per_batch = data.seq_len * data.batch_size
+  it = pipeline.make_lm_iterator(texts, tok, data.seq_len, data.batch_size, data.seed + 7919, packing="concat",
+                                 add_bos=data.add_bos)
+  batches = itertools.islice(it, -(-num_tokens // per_batch))
+  pred, summary = lstsq.fit(kcfg, base, aux_params, batches, num_tokens=num_tokens, ridge=ridge,
+                            log=lambda s: logging.info("%s", s))
+  logging.info("lstsq fit on %d tokens in %.0fs: R^2 of K %.3f-%.3f, of V %.3f-%.3f over base layers",
+               summary["tokens"], summary["seconds"], min(summary["r2_k"]), max(summary["r2_k"]),
+               min(summary["r2_v"]), max(summary["r2_v"]))
+  checkpoints.write_json(Path(workdir) / "lstsq.json", summary)
+  return pred
+
+
 def swiftkv(*, workdir, base_checkpoint: str, cutoff: float, loss: swiftkv_lib.SwiftKVLossConfig, data: DataConfig,
             steps: int, optim: loop.OptimConfig, mesh, save_every: int, log_every: int, seed: int = 0,
             fail_at_step: int | None = None):
@@ -178,8 +239,8 @@ def swiftkv(*, workdir, base_checkpoint: str, cutoff: float, loss: swiftkv_lib.S
     raise ValueError(f"--swiftkv_cutoff={cutoff} keeps all {k} layers for every prompt token: SwiftKV would have "
                      "nothing to train; use a cutoff below 1 (theirs: 0.5 for Llama-3.1, 0.75 for Qwen2.5)")
   workdir.mkdir(parents=True, exist_ok=True)
-  texts = texts_for(data)
-  tok = get_tokenizer(str(base_checkpoint), workdir, texts)
+  tok = get_tokenizer(str(base_checkpoint), workdir, None)  # the base's own (a chat corpus needs it first)
+  texts = texts_for(data, tok)
   _check_vocab(base_cfg, tok, "the base")
   checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, {
       "base": base_cfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(

@@ -102,3 +102,42 @@ def test_training_documents_with_several_questions_are_answerable():
     for pair in pairs:
       answer_sentence = pair.split("\nAnswer: ")[1].strip()
       assert qa.extract_value(answer_sentence) in context
+
+
+# ---------------------------------------------------------------------------------------------- chat format
+
+
+@pytest.mark.parametrize("level", sorted(qa.CHAT_LEVELS))
+def test_chat_levels_have_their_settings_and_the_answer_in_context(level):
+  distractors, (lo, hi), hops = qa.CHAT_LEVELS[level]
+  exs = qa.chat_examples(12, seed=3, level=level)
+  assert exs == qa.chat_examples(12, seed=3, level=level)
+  for ex in exs:
+    (msg,) = ex["messages"]
+    assert msg["role"] == "user" and ex["hops"] == hops
+    context, question = msg["content"].rsplit("\nQuestion: ", 1)
+    facts = [l for l in context.split("\n") if l not in qa.FILLER]
+    assert lo <= len(facts) <= hi
+    assert (TWO_HOP_Q if hops == 2 else ONE_HOP_Q).fullmatch(question)
+    assert qa.extract_value(ex["completion"]) == ex["answer"] and ex["answer"] in context
+    if distractors == "distinct" and hops == 1:  # every person named once, no name part shared
+      people = [l.split(" of ", 1)[1].rsplit(" is ", 1)[0] for l in facts]
+      assert len({p.split()[0] for p in people}) == len({p.split()[1] for p in people}) == len(people)
+  with pytest.raises(ValueError, match="unknown QA level"):
+    qa.chat_examples(1, 0, "hard")
+
+
+def test_chat_conversations_alternate_levels_and_answer_every_question():
+  convs = qa.chat_conversations(8, seed=1, num_facts_range=(8, 40), questions_per_doc=3, distractors="mixed")
+  for i, msgs in enumerate(convs):
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
+    context = msgs[0]["content"].rsplit("\nQuestion: ", 1)[0]
+    n_facts = len([l for l in context.split("\n") if l not in qa.FILLER])
+    if (i // 2) % 2 == 1:  # distinct documents are capped at 24 facts
+      assert n_facts <= qa.MAX_DISTINCT_FACTS
+    for q, a in zip(msgs[0::2], msgs[1::2]):
+      assert q["content"].split("Question: ")[-1].startswith("What is the ")
+      assert qa.extract_value(a["content"]) in context
+  text = "<|im_start|>user\nfacts<|im_end|>\n<|im_start|>assistant\nThe x of y is 1.<|im_end|>\n"
+  assert text[qa.chat_loss_start(text):].startswith("The x of y is 1.")
+  assert qa.any_loss_start(text) == qa.chat_loss_start(text) and qa.chat_loss_start("def f(): pass") is None
