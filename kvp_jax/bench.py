@@ -77,6 +77,14 @@ def _build_spec():
   from kvp_jax.models import checkpoints
   from kvp_jax.models import params as P
   from kvp_jax.models.config import ModelConfig
+  # Flags first, so that a bad one fails before any weights are built or loaded.
+  skip_groups = tuple(_group(g) for g in FLAGS.skip_groups)
+  budgets = []
+  for b in FLAGS.recompute_budgets:
+    ni, _, isz = b.lower().partition("x")
+    if not isz:
+      raise ValueError(f"--recompute_budgets entries are num_intervals x interval_size (e.g. 2x16), got {b!r}")
+    budgets.append((int(ni), int(isz)))
   dtype = jnp.dtype(FLAGS.dtype)
   key = jax.random.PRNGKey(FLAGS.seed)
   gguf = hf_dir = None
@@ -102,17 +110,11 @@ def _build_spec():
       raise ValueError(f"{wd} was trained for another base config than the one benchmarked")
     pairings.append(bm.Pairing(Path(wd).name, kcfg, kp))
   from kvp_jax.baselines import pruning
-  budgets = []
-  for b in FLAGS.recompute_budgets:
-    ni, _, isz = b.lower().partition("x")
-    if not isz:
-      raise ValueError(f"--recompute_budgets entries are num_intervals x interval_size (e.g. 2x16), got {b!r}")
-    budgets.append((int(ni), int(isz)))
   schedule = pruning.check_schedule(pruning.parse_schedule(FLAGS.lazyllm_schedule), base_cfg.num_layers)
   return bench_runner.BenchSpec(
       base_cfg=base_cfg, base=base, pairings=pairings, prompt_lens=[int(t) for t in FLAGS.prompt_lens],
       batch_sizes=[int(b) for b in FLAGS.batch_sizes], max_tokens_per_batch=FLAGS.max_tokens_per_batch,
-      skip_groups=tuple(_group(g) for g in FLAGS.skip_groups),
+      skip_groups=skip_groups,
       runs=FLAGS.runs, warmup=FLAGS.warmup, tpot_steps=FLAGS.tpot_steps, matmul_n=FLAGS.matmul_n,
       torch=FLAGS.torch, seed=FLAGS.seed, log=lambda s: print(s, flush=True),
       recompute_budgets=tuple(budgets), recompute_pairing=FLAGS.recompute_aux or None,

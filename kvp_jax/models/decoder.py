@@ -28,7 +28,6 @@ from kvp_jax.models.params import LayerParams, Params, lm_head_weight
 ATTENTION_MODES = ("causal", "corenet", "aligned")
 
 
-
 class LayerKV(NamedTuple):
   """One layer's keys before key norm and RoPE, and values: what KV Prediction predicts."""
   k: jax.Array  # [B, T, K, H]
