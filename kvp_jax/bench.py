@@ -2,10 +2,11 @@
 
 XLA-compiled latency (TTFT, TPOT), FLOPs, memory of the base's prefill, each aux model alone, KV Prediction,
 KV Prediction + selective recomputation at a few budgets, the LazyLLM / random / static pruning baselines and
-the rivals SwiftKV, SpecPrefill and GemFilter (kvp_jax/baselines/), against a float32 matmul roofline and
-transformers' PyTorch prefill of the same weights; see kvp_jax/benchmark/runner.py for the protocol. Prints a
-table, writes the JSON and a plot of TTFT against prompt length (<output>.png). An interrupted run resumes
-from the (B, T) groups it finished (<output>.partial.jsonl).
+the rivals SwiftKV, SpecPrefill and GemFilter (kvp_jax/baselines/), against a roofline (matmul peak and read
+bandwidth measured in the same run), transformers' PyTorch prefill and decode of the same weights, and llama.cpp
+on the base's original GGUF (when llama-cpp-python is installed); see kvp_jax/benchmark/runner.py for the
+protocol. Prints a table, writes the JSON and a plot of TTFT against prompt length (<output>.png). An
+interrupted run resumes from the (B, T) groups it finished (<output>.partial.jsonl).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ flags.DEFINE_integer("runs", 5, "Timed runs per method (interleaved across metho
 flags.DEFINE_integer("warmup", 1, "Untimed calls per method before the timed runs.")
 flags.DEFINE_integer("tpot_steps", 20, "Timed decode steps per cache for TPOT.")
 flags.DEFINE_integer("matmul_n", 2048, "Size of the float32 roofline matmul (n x n x n).")
-flags.DEFINE_bool("torch", True, "Also time transformers' PyTorch prefill of the same base weights.")
+flags.DEFINE_bool("torch", True, "Also time transformers' PyTorch prefill and decode of the same base weights.")
+flags.DEFINE_integer("read_probe_mb", 256, "Size of the read-bandwidth probe of the roofline, in MiB.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                   "Parameter dtype of the JAX models (the torch peer is float32).")
 flags.DEFINE_integer("seed", 0, "Seed of random weights and tokens.")
-flags.DEFINE_string("base_checkpoint", None, "Base weights: a pretrain workdir or HF directory; random if unset.")
+flags.DEFINE_string("base_checkpoint", None,
+                    "Base weights: a pretrain workdir, HF directory, .gguf file, or 'smollm2' (the bundled "
+                    "SmolLM2-135M-Instruct GGUF); random if unset. A GGUF base is also timed in llama.cpp.")
 flags.DEFINE_string("base_model", '{"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, '
                     '"num_layers": 12, "num_heads": 12, "num_kv_heads": 4, "head_dim": 64}',
                     "Random base: ModelConfig fields as JSON (ignored with --base_checkpoint).")
@@ -100,10 +104,24 @@ def _build_spec():
   from kvp_jax.models import checkpoints
   from kvp_jax.models import params as P
   from kvp_jax.models.config import ModelConfig
+  # Flags first, so that a bad one fails before any weights are built or loaded.
+  skip_groups = tuple(_group(g) for g in FLAGS.skip_groups)
+  budgets = []
+  for b in FLAGS.recompute_budgets:
+    ni, _, isz = b.lower().partition("x")
+    if not (ni.isdigit() and isz.isdigit()):
+      raise ValueError(f"--recompute_budgets entries are num_intervals x interval_size (e.g. 2x16), got {b!r}")
+    budgets.append((int(ni), int(isz)))
   dtype = jnp.dtype(FLAGS.dtype)
   key = jax.random.PRNGKey(FLAGS.seed)
+  gguf = hf_dir = None
   if FLAGS.base_checkpoint:
-    base_cfg, base = checkpoints.load_model(FLAGS.base_checkpoint, dtype)
+    from kvp_jax.models import gguf_checkpoint, pretrained, zoo
+    path = zoo.smollm2() if FLAGS.base_checkpoint == "smollm2" else FLAGS.base_checkpoint
+    gguf = gguf_checkpoint.find_gguf(path)
+    if gguf is not None:  # converted once to safetensors (fast to load), which the torch peer reads too
+      hf_dir = str(pretrained.cached_conversion(gguf))
+    base_cfg, base = checkpoints.load_model(hf_dir or path, dtype)
   else:
     base_cfg = ModelConfig.from_dict(_json("base_model"))
     base = P.init(base_cfg, key, dtype)
@@ -119,12 +137,6 @@ def _build_spec():
       raise ValueError(f"{wd} was trained for another base config than the one benchmarked")
     pairings.append(bm.Pairing(Path(wd).name, kcfg, kp))
   from kvp_jax.baselines import pruning
-  budgets = []
-  for b in FLAGS.recompute_budgets:
-    ni, _, isz = b.lower().partition("x")
-    if not (ni.isdigit() and isz.isdigit()):
-      raise ValueError(f"--recompute_budgets entries are num_intervals x interval_size (e.g. 2x16), got {b!r}")
-    budgets.append((int(ni), int(isz)))
   schedule = pruning.check_schedule(pruning.parse_schedule(FLAGS.lazyllm_schedule), base_cfg.num_layers)
   if FLAGS["specprefill_keep"].present and FLAGS.specprefill_keep and not pairings:
     raise ValueError("--specprefill_keep needs a draft model: give a pairing (--lp_fractions, --c_model or "
@@ -132,13 +144,14 @@ def _build_spec():
   spec = bench_runner.BenchSpec(
       base_cfg=base_cfg, base=base, pairings=pairings, prompt_lens=[int(t) for t in FLAGS.prompt_lens],
       batch_sizes=[int(b) for b in FLAGS.batch_sizes], max_tokens_per_batch=FLAGS.max_tokens_per_batch,
-      skip_groups=tuple(_group(g) for g in FLAGS.skip_groups),
+      skip_groups=skip_groups,
       runs=FLAGS.runs, warmup=FLAGS.warmup, tpot_steps=FLAGS.tpot_steps, matmul_n=FLAGS.matmul_n,
       torch=FLAGS.torch, seed=FLAGS.seed, log=lambda s: print(s, flush=True),
       recompute_budgets=tuple(budgets), recompute_pairing=FLAGS.recompute_aux or None,
       recompute_edge_fraction=FLAGS.recompute_edge_fraction, recompute_importance=FLAGS.recompute_importance,
       lazyllm_schedule=schedule, prune_keep=tuple(float(k) for k in FLAGS.prune_keep),
-      static_probe_fraction=FLAGS.static_probe_fraction,
+      static_probe_fraction=FLAGS.static_probe_fraction, read_probe_mb=FLAGS.read_probe_mb,
+      gguf=str(gguf) if gguf else None, hf_dir=hf_dir,
       swiftkv_cutoffs=tuple(float(c) for c in FLAGS.swiftkv_cutoffs),
       specprefill_keep=tuple(float(k) for k in FLAGS.specprefill_keep),
       specprefill_draft=FLAGS.specprefill_draft or None, gemfilter_topk=tuple(int(k) for k in FLAGS.gemfilter_topk),

@@ -101,6 +101,12 @@ def _whole(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
+def gemfilter_read_bytes(cfg: ModelConfig, layer: int, *, itemsize: int = 4) -> int:
+  """Bytes `gemfilter_prefill` must read (kvp_jax/models/flops.py): pass 1's weights (layers < r, layer r's query
+  and key projections), then every weight again in pass 2 (it starts once pass 1 has chosen)."""
+  return flops.weight_bytes(gemfilter_flops(cfg, 1, 1, layer, attention=False), itemsize)
+
+
 def gemfilter_method(cfg: ModelConfig, params: Params, topk: int, layer: int | None = None,
                      pool_kernel: int = 5) -> ttft.Method:
   if not _whole(topk) or topk < 1:

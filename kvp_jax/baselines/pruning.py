@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from kvp_jax.models import attention
 from kvp_jax.models import cache as kv_cache
-from kvp_jax.models import decoder, flops
+from kvp_jax.models import compile_options, decoder, flops
 from kvp_jax.models.cache import KVCache
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.models.layers import rms_norm
@@ -203,7 +203,7 @@ def _rank(score_BS):
   return jnp.argsort(order, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "schedule", "max_revive"))
+@compile_options.decode_jit(static_argnames=("cfg", "schedule", "max_revive"))
 def lazyllm_step(cfg: ModelConfig, params: Params, tokens_B1, state: LazyState, *, schedule, max_revive: int = 16):
   """One LazyLLM decode step with re-selection and the Aux Cache: (logits [B, V], state)."""
   stages = dict(check_schedule(schedule, cfg.num_layers))
@@ -343,7 +343,7 @@ def static_prune_prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B, 
   return _finish_compact(cfg, params, x_BCD, ks, vs, valid_BC, m_B, T, starts_B, max_len)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@compile_options.decode_jit(static_argnums=0)
 def positioned_step(cfg: ModelConfig, params: Params, tokens_B1, state):
   """Base decode from a compact cache: the new token at its true position, state (cache, next positions [B])."""
   cache, pos_B = state

@@ -34,7 +34,7 @@ from kvp_jax.kvp.flops import kvp_flops
 from kvp_jax.kvp.predictor import KVPConfig
 from kvp_jax.models import attention
 from kvp_jax.models import cache as kv_cache
-from kvp_jax.models import decoder, flops
+from kvp_jax.models import compile_options, decoder, flops
 from kvp_jax.models.cache import KVCache
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.models.layers import rms_norm
@@ -140,7 +140,7 @@ def recompute_layers(cfg: ModelConfig, params: Params, cache: KVCache, tokens_BP
 _STATIC = ("kcfg", "max_len", "num_intervals", "interval_size", "edge_fraction", "importance", "multiple")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC, compiler_options=compile_options.CACHE_WRITE)
 def recompute_prefill(kcfg: KVPConfig, base: Params, kp: inference.KVPParams, tokens_BT, starts_B, max_len: int, *,
                       num_intervals: int, interval_size: int, edge_fraction: float = 0.1,
                       importance: str = "column", multiple: int = 16):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from kvp_jax.baselines import pruning
-from kvp_jax.models import attention, decoder, flops
+from kvp_jax.models import attention, compile_options, decoder, flops
 from kvp_jax.models import cache as kv_cache
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.models.layers import rms_norm
@@ -150,8 +150,10 @@ def select_chunks(imp_BT, starts_B, *, keep: float, chunk: int = 32, keep_last: 
   return real & jnp.take_along_axis(chosen_BX, jnp.minimum(cid_BT, X - 1), axis=-1)
 
 
+# The draft's look-ahead writes its cache in a loop: with XLA's defaults every step copied the whole K cache
+# (kvp_jax/models/compile_options.py). Options are only allowed on the outermost jit, so they go here.
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "max_len", "keep", "look_ahead", "chunk",
-                                             "pool_kernel", "keep_last"))
+                                             "pool_kernel", "keep_last"), compiler_options=compile_options.CACHE_WRITE)
 def specprefill_prefill(cfg: ModelConfig, params: Params, draft_cfg: ModelConfig, draft: Params, tokens_BT,
                         starts_B, max_len: int, *, keep: float, look_ahead: int = 8, chunk: int = 32,
                         pool_kernel: int = 13, keep_last: bool = True):
@@ -188,6 +190,17 @@ def specprefill_flops(cfg: ModelConfig, draft_cfg: ModelConfig, prompt_len: int,
   if attention:
     f += look_ahead * draft_cfg.num_layers * 2 * draft_cfg.num_heads * draft_cfg.head_dim * n
   return f + flops.prefill_flops(cfg, kept_tokens(n, keep, chunk, keep_last), attention=attention)
+
+
+def specprefill_read_bytes(cfg: ModelConfig, draft_cfg: ModelConfig, prompt_len: int, *, look_ahead: int = 8,
+                           batch: int = 1, itemsize: int = 4) -> int:
+  """Bytes `specprefill_prefill` must read (kvp_jax/models/flops.py): the draft's weights for its prefill, its
+  weights and the K/V it attends to in each look-ahead step (one after the other: each feeds the next), and the
+  base's weights once."""
+  r = flops.prefill_read_bytes(draft_cfg, itemsize=itemsize)
+  r += sum(flops.decode_read_bytes(draft_cfg, prompt_len + i, batch=batch, itemsize=itemsize)
+           for i in range(look_ahead - 1))
+  return r + flops.prefill_read_bytes(cfg, itemsize=itemsize)
 
 
 def specprefill_method(cfg: ModelConfig, params: Params, draft_cfg: ModelConfig, draft: Params, keep: float,

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kvp_jax.models import attention, checkpoints, decoder, flops, hf_checkpoint
+from kvp_jax.models import attention, checkpoints, compile_options, decoder, flops, hf_checkpoint
 from kvp_jax.models import cache as kv_cache
 from kvp_jax.models import params as P
 from kvp_jax.models.cache import KVCache
@@ -180,10 +180,11 @@ def swiftkv_prefill(cfg: ModelConfig, base: Params, skv: SwiftKVParams, tokens_B
   return decoder.lm_logits(cfg, base, x_last[:, 0]), cache.replace(end=jnp.asarray(T, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+@compile_options.decode_jit(static_argnums=0, donate_argnums=4, batch_argnum=3)
 def swiftkv_step(cfg: ModelConfig, base: Params, skv: SwiftKVParams, tokens_B1, cache: KVCache):
-  """One decode step, the cache donated: layers < k as the base's, then SwiftKV K/V of the new token for every
-  later layer and its SwiftKV queries there. (logits [B, V], cache)."""
+  """One decode step, the cache donated, compiled as the base's `decoder.decode_step` (XLA's defaults copied the
+  K cache after SwiftKV's writes at B >= 2): layers < k as the base's, then SwiftKV K/V of the new token for
+  every later layer and its SwiftKV queries there. (logits [B, V], cache)."""
   k0 = cutoff(cfg, skv)
   slot = cache.end
   pos = (slot - cache.starts)[:, None]
@@ -284,6 +285,12 @@ def swiftkv_flops(cfg: ModelConfig, k: int, prompt_len: int, *, attention: bool 
   if attention:
     f += J * 4 * N * H * n
   return f + flops.lm_head_flops_per_token(cfg)
+
+
+def swiftkv_read_bytes(cfg: ModelConfig, k: int, *, itemsize: int = 4) -> int:
+  """Bytes `swiftkv_prefill` must read (kvp_jax/models/flops.py): every weight it multiplies by, once (layers < k,
+  the fused K/V projection, the last token's later layers, the LM head)."""
+  return flops.weight_bytes(swiftkv_flops(cfg, k, 1, attention=False), itemsize)
 
 
 def swiftkv_method(cfg: ModelConfig, base: Params, skv: SwiftKVParams) -> ttft.Method:

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 
 from kvp_jax.benchmark.timing import aot_compile, time_interleaved, xla_peak_bytes
 from kvp_jax.kvp import inference, predictor
-from kvp_jax.kvp.flops import ideal_kvp_speedup, kvp_flops
+from kvp_jax.kvp.flops import ideal_kvp_speedup, kvp_flops, kvp_read_bytes
 from kvp_jax.kvp.inference import KVPParams
 from kvp_jax.kvp.predictor import KVPConfig
-from kvp_jax.models import decoder, flops
+from kvp_jax.models import compile_options, decoder, flops
 from kvp_jax.models import params as P
 from kvp_jax.models.config import ModelConfig
 
@@ -104,7 +104,12 @@ def base_prefill_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_
   c, cs = aot_compile(_prefill_jit, cfg, params, tokens, starts, max_len=max_len)
   B, T = tokens.shape
   return Method("base", None, lambda: c(params, tokens, starts), cs, flops.prefill_flops(cfg, T, batch=B),
-                flops.prefill_flops(cfg, T, batch=B, attention=False), xla_peak_bytes(c))
+                flops.prefill_flops(cfg, T, batch=B, attention=False), xla_peak_bytes(c),
+                {"read_bytes": flops.prefill_read_bytes(cfg, itemsize=_itemsize(params))})
+
+
+def _itemsize(params: P.Params) -> int:
+  return params.embed.dtype.itemsize
 
 
 def aux_only_method(pair: Pairing, tokens, starts, max_len: int) -> Method:
@@ -124,7 +129,9 @@ def kvp_method(pair: Pairing, base: P.Params, tokens, starts, max_len: int) -> M
   extra = {"paper_ttft_flops": flops.paper_ttft_flops(kc.aux, T, batch=B),
            "ideal_speedup": ideal_kvp_speedup(kc.base, kc.aux, T, in_width=kc.in_width, kind=kc.kind),
            "ideal_speedup_no_attn": ideal_kvp_speedup(kc.base, kc.aux, T, in_width=kc.in_width, kind=kc.kind,
-                                                      attention=False)}
+                                                      attention=False),
+           "read_bytes": kvp_read_bytes(kc.base, kc.aux, T, in_width=kc.in_width, kind=kc.kind, batch=B,
+                                        itemsize=_itemsize(base))}
   return Method("kvp", pair.name, lambda: c(base, pair.kp, tokens, starts), cs, f, f0, xla_peak_bytes(c), extra)
 
 
@@ -147,20 +154,27 @@ def recompute_bench_method(pair: Pairing, base: P.Params, tokens, starts, max_le
   f = B * recompute.recompute_flops(pair.kcfg, T, **kw)
   f0 = B * recompute.recompute_flops(pair.kcfg, T, **kw, attention=False)
   extra = {"recompute_columns": recompute.budget(T, num_intervals, interval_size, edge_fraction),
-           "paper_ttft_flops": B * rm.ttft_flops_paper(T), **_speedup_extra(pair.kcfg.base, B, T, f, f0)}
+           "paper_ttft_flops": B * rm.ttft_flops_paper(T), **_speedup_extra(pair.kcfg.base, B, T, f, f0),
+           # KV Prediction's reads, and the base's weights once more for the recomputed columns
+           "read_bytes": kvp_read_bytes(pair.kcfg.base, pair.kcfg.aux, T, in_width=pair.kcfg.in_width,
+                                        kind=pair.kcfg.kind, batch=B, itemsize=_itemsize(base))
+                         + flops.prefill_read_bytes(pair.kcfg.base, itemsize=_itemsize(base))}
   return Method("kvp_recompute", pair.name, lambda: c(base, pair.kp, tokens, starts), cs, f, f0, xla_peak_bytes(c),
                 extra, dict(rm.settings))
 
 
 def _base_pruned_method(name: str, prefill, flops_fn, settings: dict, cfg: ModelConfig, params: P.Params, tokens,
-                        starts, max_len: int, **static) -> Method:
+                        starts, max_len: int, read_bytes: int | None = None, **static) -> Method:
   """A prefill of the base alone on part of the prompt: compiled with its static settings, FLOPs from
-  flops_fn(T, attention=...) per row, and the FLOPs-ideal speed-up over the full prefill."""
+  flops_fn(T, attention=...) per row, and the FLOPs-ideal speed-up over the full prefill. Bytes read: the base's
+  weights once unless `read_bytes` says otherwise."""
   c, cs = aot_compile(prefill, cfg, params, tokens, starts, max_len=max_len, **static)
   B, T = tokens.shape
   f, f0 = B * flops_fn(T, attention=True), B * flops_fn(T, attention=False)
+  if read_bytes is None:
+    read_bytes = flops.prefill_read_bytes(cfg, itemsize=_itemsize(params))
   return Method(name, None, lambda: c(params, tokens, starts), cs, f, f0, xla_peak_bytes(c),
-                _speedup_extra(cfg, B, T, f, f0), settings)
+                {**_speedup_extra(cfg, B, T, f, f0), "read_bytes": read_bytes}, settings)
 
 
 def lazyllm_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, schedule) -> Method:
@@ -208,7 +222,8 @@ def swiftkv_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max
   tok = jnp.zeros((B, 1), jnp.int32)
   step, step_cs = aot_compile(swiftkv.swiftkv_step, cfg, params, skv, tok, jax.eval_shape(
       lambda: swiftkv.swiftkv_prefill(cfg, params, skv, tokens, starts, max_len=max_len)[1]))
-  extra = {**_speedup_extra(cfg, B, T, f, f0), "decode_compile_s": step_cs}
+  extra = {**_speedup_extra(cfg, B, T, f, f0), "decode_compile_s": step_cs,
+           "read_bytes": swiftkv.swiftkv_read_bytes(cfg, k, itemsize=_itemsize(params))}
   return Method("swiftkv", None, lambda: c(params, skv, tokens, starts), cs, f, f0, xla_peak_bytes(c), extra,
                 dict(sm.settings), decode=lambda tokens_B1, state: step(params, skv, tokens_B1, state))
 
@@ -224,8 +239,10 @@ def specprefill_bench_method(cfg: ModelConfig, params: P.Params, draft_name: str
   B, T = tokens.shape
   f = B * specprefill.specprefill_flops(cfg, draft_cfg, T, keep)
   f0 = B * specprefill.specprefill_flops(cfg, draft_cfg, T, keep, attention=False)
+  extra = {**_speedup_extra(cfg, B, T, f, f0),
+           "read_bytes": specprefill.specprefill_read_bytes(cfg, draft_cfg, T, batch=B, itemsize=_itemsize(params))}
   return Method("specprefill", draft_name, lambda: c(params, draft, tokens, starts), cs, f, f0, xla_peak_bytes(c),
-                _speedup_extra(cfg, B, T, f, f0), dict(sm.settings))
+                extra, dict(sm.settings))
 
 
 def gemfilter_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, topk: int,
@@ -237,13 +254,16 @@ def gemfilter_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, m
   return _base_pruned_method(
       "gemfilter", gemfilter.gemfilter_prefill,
       lambda T, attention: gemfilter.gemfilter_flops(cfg, T, topk, layer, attention=attention),
-      dict(gm.settings), cfg, params, tokens, starts, max_len, topk=topk, layer=layer)
+      dict(gm.settings), cfg, params, tokens, starts, max_len,
+      read_bytes=gemfilter.gemfilter_read_bytes(cfg, layer, itemsize=_itemsize(params)), topk=topk, layer=layer)
 
 
 def tpot(cfg: ModelConfig, params: P.Params, caches: dict[str, Any], steps: int, warmup: int = 1,
-         own_steps: dict[str, tuple[Callable, Any]] | None = None):
+         own_steps: dict[str, tuple[Callable, Any]] | None = None,
+         other_calls: dict[str, Callable[[], Any]] | None = None):
   """Seconds per `decoder.decode_step` from each named cache (same shapes, so one compiled step), interleaved
-  with `own_steps` (name -> (compiled step, initial state)) of methods whose decode is their own.
+  with `own_steps` (name -> (compiled step, initial state)) of methods whose decode is their own, and with
+  `other_calls` (other decode steps timed as they are: the base's step inside KV Prediction, the peers').
 
   Each cache is advanced by its own chain of steps; the caches must have room for warmup + steps tokens.
   Returns ({name: [seconds]}, compile_s of the base's step).
@@ -262,4 +282,24 @@ def tpot(cfg: ModelConfig, params: P.Params, caches: dict[str, Any], steps: int,
       return jax.tree.leaves(state[k])[0]
     return call
 
-  return time_interleaved({k: advance(k) for k in state}, steps, warmup), cs
+  return time_interleaved({**{k: advance(k) for k in state}, **(other_calls or {})}, steps, warmup), cs
+
+
+_kvp_step_jit = jax.jit(lambda cfg, params, tokens_B1, cache: decoder.forward(cfg, params, tokens_B1, None, cache,
+                                                                              all_logits=False),
+                        static_argnums=0, donate_argnums=3, compiler_options=compile_options.CACHE_WRITE)
+
+
+def kvp_base_step_call(cfg: ModelConfig, params: P.Params, cache, last_tokens_B1) -> Callable[[], Any]:
+  """The base's step on the last prompt token from a cache of the T - 1 other slots, compiled as
+  `inference.kvp_prefill` compiles it (same options; the cache is its own there, donated here), each call
+  rewriting the same slot. `cache`: any base cache of the group's shape (the values do not change the time)."""
+  slot = int(cache.end) - 1
+  state = {"c": jax.tree.map(jnp.copy, cache.replace(end=jnp.asarray(slot, jnp.int32)))}
+  step, _ = aot_compile(_kvp_step_jit, cfg, params, last_tokens_B1, state["c"])
+
+  def call():
+    logits, c = step(params, last_tokens_B1, state["c"])
+    state["c"] = c.replace(end=jnp.asarray(slot, jnp.int32))
+    return logits
+  return call

@@ -1,8 +1,14 @@
-"""What a user would otherwise run, timed in the same rounds as our calls: transformers + PyTorch on the same
-weights (torch is a benchmark reference only; kvp_jax never imports it at run time), and torch's own GEMM peak.
+"""What a user would otherwise run, timed in the same rounds as our calls, on the same weights: transformers +
+PyTorch (float32, `inference_mode`, SDPA attention) for prefill and decode, torch's own GEMM peak, and llama.cpp
+on the original GGUF file (its own quantized kernels) through the optional `llama-cpp-python` package.
+Neither is a kvp_jax dependency: both are imported here only, and a missing one leaves its rows out with the
+reason recorded.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,19 +25,81 @@ def torch_matmul_call(n: int):
   return lambda: torch.matmul(a, b)
 
 
-def torch_prefill_method(hf_dir, tokens: np.ndarray, base_cfg: ModelConfig) -> Method:
-  """transformers' PyTorch prefill of the same weights (SDPA attention, LM head at the last position only)."""
-  import torch
-  import transformers
-  from transformers import AutoModelForCausalLM
-  transformers.utils.logging.disable_progress_bar()
-  hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
-  ids = torch.from_numpy(np.asarray(tokens, np.int64))
+class Torch:
+  """transformers' model of the same weights, loaded once per benchmark run from a Hugging Face directory."""
 
-  def call():
+  def __init__(self, hf_dir):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+    transformers.utils.logging.disable_progress_bar()
+    self.hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                   attn_implementation="sdpa").eval()
+
+  def prefill_method(self, tokens: np.ndarray, base_cfg: ModelConfig) -> Method:
+    """The prefill (LM head at the last position only), counted like our base's."""
+    import torch
+    ids = torch.from_numpy(np.asarray(tokens, np.int64))
+
+    def call():
+      with torch.inference_mode():
+        return self.hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+
+    B, T = tokens.shape
+    return Method("hf_torch", None, call, None, flops.prefill_flops(base_cfg, T, batch=B),
+                  flops.prefill_flops(base_cfg, T, batch=B, attention=False), None,
+                  {"read_bytes": flops.prefill_read_bytes(base_cfg)})
+
+  def decode_call(self, tokens: np.ndarray) -> Callable[[], Any]:
+    """A decode step per call on transformers' default (dynamic) cache, prefilled once with `tokens`.
+
+    Each call appends one token, as `generate` does, so the cache grows by a slot per call (the caller keeps
+    the number of calls within the slots our own TPOT decodes into).
+    """
+    import torch
+    ids = torch.from_numpy(np.asarray(tokens, np.int64))
     with torch.inference_mode():
-      return hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+      cache = self.hf(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+    nxt = torch.zeros((ids.shape[0], 1), dtype=torch.int64)
 
-  B, T = tokens.shape
-  return Method("hf_torch", None, call, None, flops.prefill_flops(base_cfg, T, batch=B),
-                flops.prefill_flops(base_cfg, T, batch=B, attention=False), None)
+    def call():
+      with torch.inference_mode():
+        return self.hf(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1).logits
+    return call
+
+
+def llama_cpp_status() -> str | None:
+  """None when llama-cpp-python imports, else why its rows are absent."""
+  try:
+    import llama_cpp  # noqa: F401
+  except ImportError as e:
+    return f"not installed (pip install llama-cpp-python; {e.__class__.__name__}: {e})"
+  return None
+
+
+class LlamaCpp:
+  """llama.cpp on a GGUF file, one sequence (llama-cpp-python's `Llama` runs one): prefill and decode calls.
+
+  Threads: every usable core, for prompt and generation alike (what our XLA calls get).
+  """
+
+  def __init__(self, gguf_path, n_ctx: int):
+    import llama_cpp
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=min(n_ctx, 2048),
+                               n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+    self.version = getattr(llama_cpp, "__version__", None)
+
+  def prefill_call(self, tokens_1T: np.ndarray) -> Callable[[], Any]:
+    """Clears the context and evaluates the prompt (logits of its last token)."""
+    ids = [int(t) for t in np.asarray(tokens_1T).reshape(-1)]
+
+    def call():
+      self.llm.reset()
+      self.llm.eval(ids)
+    return call
+
+  def decode_call(self, tokens_1T: np.ndarray) -> Callable[[], Any]:
+    """Evaluates the prompt once; each call then appends one token."""
+    self.prefill_call(tokens_1T)()
+    return lambda: self.llm.eval([0])

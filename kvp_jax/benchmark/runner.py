@@ -5,13 +5,20 @@ timed on its own), then called `warmup` times, then `runs` times with `block_unt
 interleaved run by run together with a float32 matmul (the roofline) and transformers' PyTorch prefill, so
 that load from other processes hits every figure alike. Reported: median, min and max seconds.
 
-Methods: `base` (the base's prefill), per pairing `aux_only` and `kvp`, `hf_torch`; and, when the spec asks,
+Methods: `base` (the base's prefill), per pairing `aux_only` and `kvp`, the peers `hf_torch` (transformers +
+PyTorch) and `llama_cpp` (the original GGUF, B=1, when llama-cpp-python is installed); and, when the spec asks,
 `kvp_recompute` (KV Prediction + selective recomputation, recompute.py) for one pairing at a few budgets
 (num_intervals x interval_size), `lazyllm`, `random_prune` and `static_prune` (baselines/pruning.py) on the base,
 and the rivals `swiftkv` (per cutoff, with TPOT of its own decode step), `specprefill` (per keep fraction, a
 pairing's aux as the draft) and `gemfilter` (per topk). Those rows carry `settings` (the method's configuration),
 the FLOP-ideal and measured speed-ups over the base, and (kvp_recompute) TPOT of the base from the recomputed
 cache.
+
+Roofline, per row: `roofline_s` = FLOPs / the matmul peak + bytes that must be read (kvp_jax/models/flops.py)
+/ the read bandwidth, both measured in the same rounds as the row (a 2048^3 matmul and a [1, 1024] x [1024, n]
+product over `read_probe_mb`); `ttft_over_roofline` = median TTFT / roofline_s (torch rows: torch's own peak).
+TPOT, after the TTFT rounds: the base's `decode_step` from each cache, the base's step on the last prompt token
+as KV Prediction compiles it (`kvp_base_step_s_median`), and the peers' decode steps, all interleaved.
 
 Timing and memory figures: timing.py; the methods: methods.py; peers: peers.py; figures, table, plot: report.py.
 With `BenchSpec.partial` set, every finished (B, T) group is appended to that file; a rerun of an interrupted
@@ -38,6 +45,7 @@ from kvp_jax.benchmark import methods as bm
 from kvp_jax.benchmark import peers, timing
 from kvp_jax.benchmark.methods import Pairing
 from kvp_jax.benchmark.report import figures
+from kvp_jax.models import flops
 from kvp_jax.models import params as P
 from kvp_jax.models.config import ModelConfig
 
@@ -66,6 +74,10 @@ class BenchSpec:
   lazyllm_schedule: tuple = ()  # ((layer, keep fraction), ...); empty: no lazyllm row
   prune_keep: tuple = ()  # keep fractions: one random_prune and one static_prune row each
   static_probe_fraction: float = 0.25
+  read_probe_mb: int = 256  # size of the read-bandwidth probe (far above the CPU's caches)
+  gguf: str | None = None  # the base's original GGUF file: llama.cpp rows (B=1) when llama-cpp-python imports
+  hf_dir: str | None = None  # Hugging Face directory of the base's weights for the torch peer (else written)
+
   # Rivals (baselines/; none by default).
   swiftkv_cutoffs: tuple = ()  # fractions of the base's layers every prompt token runs: one swiftkv row each
   specprefill_keep: tuple = ()  # kept chunk fractions: one specprefill row each
@@ -89,7 +101,7 @@ def _fingerprint(spec: BenchSpec) -> dict:
 
 
 def _done_groups(spec: BenchSpec) -> dict[tuple[int, int], dict]:
-  """(B, T) -> {"rows", "mm_times"} of the groups an interrupted run with this spec finished."""
+  """(B, T) -> {"rows", "mm_times", "rb_times"} of the groups an interrupted run with this spec finished."""
   if spec.partial is None:
     return {}
   path, fp = Path(spec.partial), _fingerprint(spec)
@@ -112,6 +124,17 @@ def _done_groups(spec: BenchSpec) -> dict[tuple[int, int], dict]:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps({"fingerprint": fp}) + "\n")
   return {}
+
+
+@dataclasses.dataclass
+class _Rooflines:
+  """The roofline calls, timed in every group's rounds; their times accumulate over the run."""
+  mm_call: Callable[[], Any]
+  mm_flops: int
+  rb_call: Callable[[], Any]
+  rb_bytes: int
+  mm_times: list = dataclasses.field(default_factory=list)
+  rb_times: list = dataclasses.field(default_factory=list)
 
 
 def recompute_pairing(spec: BenchSpec) -> Pairing | None:
@@ -172,13 +195,17 @@ def run(spec: BenchSpec) -> dict[str, Any]:
   torch_ok = spec.torch and env.get("torch") is not None
   log = spec.log
   mm_call, mm_flops, mm_cs = timing.matmul_call(spec.matmul_n)
-  rows, mm_times = [], []
+  roof = _Rooflines(mm_call, mm_flops, *timing.read_bandwidth_call(spec.read_probe_mb << 20))
+  peer_status = {"hf_torch": None if torch_ok else "not measured (--torch=false or torch not installed)",
+                 "llama_cpp": peers.llama_cpp_status() if spec.gguf else "no GGUF file of this base (random weights)"}
+  rows = []
   done = _done_groups(spec)
   with tempfile.TemporaryDirectory() as tmp:
-    hf_dir = None
+    torch_peer = None
     if torch_ok:
       from kvp_jax.models import hf_checkpoint
-      hf_dir = hf_checkpoint.save_pretrained(spec.base_cfg, spec.base, os.path.join(tmp, "base_hf"))
+      hf_dir = spec.hf_dir or hf_checkpoint.save_pretrained(spec.base_cfg, spec.base, os.path.join(tmp, "base_hf"))
+      torch_peer = peers.Torch(hf_dir)
     for B in spec.batch_sizes:
       for T in spec.prompt_lens:
         if B * T > spec.max_tokens_per_batch:
@@ -189,21 +216,26 @@ def run(spec: BenchSpec) -> dict[str, Any]:
           continue
         if (B, T) in done:
           rows += done[(B, T)]["rows"]
-          mm_times += done[(B, T)]["mm_times"]
+          roof.mm_times += done[(B, T)]["mm_times"]
+          roof.rb_times += done[(B, T)].get("rb_times", [])
           continue
-        n = len(mm_times)
-        group = _run_group(spec, B, T, hf_dir, mm_call, mm_flops, mm_times)
+        n_mm, n_rb = len(roof.mm_times), len(roof.rb_times)
+        group = _run_group(spec, B, T, torch_peer, peer_status["llama_cpp"] is None, roof)
         rows += group
         if spec.partial is not None:  # one write per group: an interruption loses at most the group running
           with open(spec.partial, "a") as f:
-            f.write(json.dumps({"group": [B, T], "rows": group, "mm_times": mm_times[n:]}) + "\n")
+            f.write(json.dumps({"group": [B, T], "rows": group, "mm_times": roof.mm_times[n_mm:],
+                                "rb_times": roof.rb_times[n_rb:]}) + "\n")
   try:
     env["loadavg_end"] = list(os.getloadavg())
   except OSError:
     pass
-  peak = mm_flops / float(np.median(mm_times))
-  out = {"matmul_peak_flops_per_s": peak, "matmul_peak_flops_per_s_best": mm_flops / float(np.min(mm_times)),
-         "matmul_n": spec.matmul_n, "matmul_compile_s": mm_cs, "env": env,
+  peak = mm_flops / float(np.median(roof.mm_times))
+  out = {"matmul_peak_flops_per_s": peak, "matmul_peak_flops_per_s_best": mm_flops / float(np.min(roof.mm_times)),
+         "matmul_n": spec.matmul_n, "matmul_compile_s": mm_cs,
+         "read_bandwidth_bytes_per_s": roof.rb_bytes / float(np.median(roof.rb_times)),
+         "read_bandwidth_bytes_per_s_best": roof.rb_bytes / float(np.min(roof.rb_times)),
+         "read_probe_bytes": roof.rb_bytes, "peers": peer_status, "env": env,
          "base_config": spec.base_cfg.to_dict(), "base_params": P.count(spec.base),
          "aux": {p.name: {"config": p.kcfg.aux.to_dict(), "params": P.count(p.kp.aux),
                           "layer_map": list(p.kcfg.layer_map)} for p in spec.pairings},
@@ -217,7 +249,7 @@ def run(spec: BenchSpec) -> dict[str, Any]:
   return out
 
 
-def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_times) -> list[dict]:
+def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof: _Rooflines) -> list[dict]:
   log = spec.log
   max_len = T + spec.tpot_steps + spec.warmup
   tokens = jnp.asarray(_tokens(spec.base_cfg, B, T, spec.seed + T + B))
@@ -246,28 +278,46 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
   for topk in spec.gemfilter_topk:
     methods.append(bm.gemfilter_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, topk,
                                              spec.gemfilter_layer))
-  if hf_dir is not None:
-    methods.append(peers.torch_prefill_method(hf_dir, np.asarray(tokens), spec.base_cfg))
+  if torch_peer is not None:
+    methods.append(torch_peer.prefill_method(np.asarray(tokens), spec.base_cfg))
+  llama = None
+  if llama_ok and B == 1:  # llama-cpp-python's Llama runs one sequence
+    llama = peers.LlamaCpp(spec.gguf, n_ctx=max_len + 1)
+    methods.append(bm.Method("llama_cpp", None, llama.prefill_call(np.asarray(tokens)), None,
+                             flops.prefill_flops(spec.base_cfg, T), flops.prefill_flops(spec.base_cfg, T, attention=False),
+                             extra={"weights": "the GGUF file's own (quantized) tensors", "llama_cpp": llama.version}))
   keys = [m.key for m in methods]
   assert len(set(keys)) == len(keys), keys
   rss, outs = {}, {}
   for k, m in zip(keys, methods):  # first call: the resident-set figure, and outputs for the TPOT caches
     outs[k], rss[k] = timing.rss_peak_delta(m.call)
   calls = dict(zip(keys, (m.call for m in methods)))
-  calls["matmul"] = mm_call
-  if hf_dir is not None:
+  calls["matmul"] = roof.mm_call
+  calls["read_bandwidth"] = roof.rb_call
+  if torch_peer is not None:
     calls["torch_matmul"] = peers.torch_matmul_call(spec.matmul_n)
   log(f"B={B} T={T}: timing {len(methods)} methods x {spec.runs} runs")
   times = timing.time_interleaved(calls, spec.runs, max(0, spec.warmup - 1))
-  mm_times += times["matmul"]
-  peak_here = mm_flops / float(np.median(times["matmul"]))
+  roof.mm_times += times["matmul"]
+  roof.rb_times += times["read_bandwidth"]
+  peak_here = roof.mm_flops / float(np.median(times["matmul"]))
+  read_bw_here = roof.rb_bytes / float(np.median(times["read_bandwidth"]))
+  torch_peak_here = (roof.mm_flops / float(np.median(times["torch_matmul"]))) if "torch_matmul" in times else None
   # TPOT: the base decoding from its own cache and from each predicted (and each recomputed) cache.
   caches = {"base:None": outs["base:None"][1]}
   caches.update({f"kvp:{p.name}": outs[f"kvp:{p.name}"][1] for p in spec.pairings})
   caches.update({k: outs[k][1] for k, m in zip(keys, methods) if m.method == "kvp_recompute"})
   # SwiftKV decodes with its own step (later layers read SwiftKV K/V): timed in the same rounds.
   own = {k: (m.decode, outs[k][1]) for k, m in zip(keys, methods) if m.decode is not None}
-  tp, tp_cs = bm.tpot(spec.base_cfg, spec.base, caches, spec.tpot_steps, spec.warmup, own)
+  others = {}
+  if spec.pairings:
+    others["kvp_base_step"] = bm.kvp_base_step_call(spec.base_cfg, spec.base, caches["base:None"], tokens[:, -1:])
+  if torch_peer is not None:
+    others["hf_torch:None"] = torch_peer.decode_call(np.asarray(tokens))
+  if llama is not None:
+    others["llama_cpp:None"] = llama.decode_call(np.asarray(tokens))
+  log(f"B={B} T={T}: timing decode steps x {spec.tpot_steps}")
+  tp, tp_cs = bm.tpot(spec.base_cfg, spec.base, caches, spec.tpot_steps, spec.warmup, own, others)
   rows = []
   base_med = float(np.median(times["base:None"]))
   for k, m in zip(keys, methods):
@@ -278,15 +328,24 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
            "flops": m.flops, "flops_no_attn": m.flops_no_attn,
            "achieved_flops_per_s": m.flops / s["median"], "fraction_of_matmul_peak": m.flops / s["median"] / peak_here,
            "peak_mem_bytes": m.peak_mem_bytes, "rss_peak_delta_bytes": rss[k], **m.extra}
+    if "read_bytes" in m.extra:  # the roofline of this row's FLOPs and reads, measured in the same rounds
+      row_peak = torch_peak_here if m.method == "hf_torch" else peak_here
+      if row_peak:
+        row["roofline_s"] = m.flops / row_peak + m.extra["read_bytes"] / read_bw_here
+        row["ttft_over_roofline"] = s["median"] / row["roofline_s"]
     if k in tp:
       row["tpot_s_median"] = float(np.median(tp[k]))
       row["tpot_s_min"] = float(np.min(tp[k]))
-      row["tpot_compile_s"] = m.extra.get("decode_compile_s", tp_cs)
-      row["tpot_from"] = {"base": "own cache", "kvp_recompute": "recomputed cache",
-                          "swiftkv": "own cache and own step"}.get(m.method, "predicted cache")
-      # Step i from this cache ran in the same round as step i from the base's own cache, so the per-step
-      # ratio cancels most of the machine's drift; its median is the comparison the issue asks for.
-      row["tpot_over_own_paired_median"] = float(np.median(np.asarray(tp[k]) / np.asarray(tp["base:None"])))
+      row["tpot_from"] = {"base": "own cache", "kvp_recompute": "recomputed cache", "hf_torch": "dynamic cache",
+                          "llama_cpp": "its own cache", "swiftkv": "own cache and own step"}.get(m.method,
+                                                                                                "predicted cache")
+      if m.method not in ("hf_torch", "llama_cpp"):
+        row["tpot_compile_s"] = m.extra.get("decode_compile_s", tp_cs)
+        # Step i from this cache ran in the same round as step i from the base's own cache, so the per-step
+        # ratio cancels most of the machine's drift; its median is the comparison the issue asks for.
+        row["tpot_over_own_paired_median"] = float(np.median(np.asarray(tp[k]) / np.asarray(tp["base:None"])))
+    if m.method == "kvp" and "kvp_base_step" in tp:
+      row["kvp_base_step_s_median"] = float(np.median(tp["kvp_base_step"]))
     if "ideal_speedup" in m.extra:  # kvp, and the recomputation / pruning methods
       row["measured_speedup"] = base_med / s["median"]
       row["speedup_over_ideal"] = row["measured_speedup"] / m.extra["ideal_speedup"]
@@ -294,8 +353,7 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
       row["jax_over_torch_ttft"] = base_med / s["median"]
     rows.append(row)
   rows.append({"method": "matmul", "aux": None, "prompt_len": T, "batch": B, "matmul_n": spec.matmul_n,
-               "flops": mm_flops, **{f"ttft_s_{k}": v for k, v in timing.stats(times["matmul"]).items()},
-               "achieved_flops_per_s": peak_here,
-               **({"torch_matmul_flops_per_s": mm_flops / float(np.median(times["torch_matmul"]))}
-                  if "torch_matmul" in times else {})})
+               "flops": roof.mm_flops, **{f"ttft_s_{k}": v for k, v in timing.stats(times["matmul"]).items()},
+               "achieved_flops_per_s": peak_here, "read_bandwidth_bytes_per_s": read_bw_here,
+               **({"torch_matmul_flops_per_s": torch_peak_here} if torch_peak_here else {})})
   return rows

@@ -97,6 +97,18 @@ def matmul_call(n: int, dtype=jnp.float32):
   return (lambda: compiled(a, b)), 2 * n ** 3, cs
 
 
+def read_bandwidth_call(nbytes: int, dtype=jnp.float32):
+  """(call, bytes read) of the memory half of the roofline: a [1, 1024] x [1024, n] product over `nbytes` of
+  matrix, the kind of kernel a decode step runs (each element read once; far larger than the caches). A flat
+  `jnp.sum` over as many bytes read 0.7x as fast on this 2-core CPU, so it would understate the bandwidth."""
+  itemsize = jnp.dtype(dtype).itemsize
+  n = max(1, nbytes // itemsize // 1024)
+  w = jnp.ones((1024, n), dtype)
+  v = jnp.ones((1, 1024), dtype)
+  compiled, _ = aot_compile(jax.jit(jnp.matmul), v, w)
+  return (lambda: compiled(v, w)), 1024 * n * itemsize
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:

@@ -7,7 +7,8 @@ Shape legend: see kvp_jax/models/config.py.
 from __future__ import annotations
 
 from kvp_jax.models.config import ModelConfig
-from kvp_jax.models.flops import attention_flops, decode_flops, layer_matmul_flops_per_token, prefill_flops
+from kvp_jax.models.flops import (attention_flops, decode_flops, decode_read_bytes, layer_matmul_flops_per_token,
+                                  prefill_flops, weight_bytes)
 
 
 def predictor_flops(base: ModelConfig, in_width: int, num_tokens: int, *, batch: int = 1) -> int:
@@ -42,6 +43,15 @@ def kvp_flops(base: ModelConfig, aux: ModelConfig, prompt_len: int, *, in_width:
   f += predictor_flops(base, in_width, T - 1, batch=batch)
   f += decode_flops(base, T - 1, batch=batch, attention=attention)
   return f
+
+
+def kvp_read_bytes(base: ModelConfig, aux: ModelConfig, prompt_len: int, *, in_width: int | None = None,
+                   kind: str = "kv", batch: int = 1, itemsize: int = 4) -> int:
+  """Bytes `kvp.kvp_prefill` must read (kvp_jax/models/flops.py): the aux weights it multiplies by, the
+  predictor's, and the base's last-token step (its weights and the T - 1 predicted slots it attends to)."""
+  in_width = (aux.kv_width if kind == "kv" else aux.hidden_size) if in_width is None else in_width
+  f1 = aux_prediction_flops(aux, 1, kind=kind, attention=False) + predictor_flops(base, in_width, 1)
+  return weight_bytes(f1, itemsize) + decode_read_bytes(base, prompt_len - 1, batch=batch, itemsize=itemsize)
 
 
 def ideal_kvp_speedup(base: ModelConfig, aux: ModelConfig, prompt_len: int, *, in_width: int | None = None,

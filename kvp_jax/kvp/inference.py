@@ -19,7 +19,7 @@ from kvp_jax.kvp import aux_models, predictor
 from kvp_jax.kvp.flops import kvp_flops
 from kvp_jax.kvp.predictor import KVPConfig, PredictorParams
 from kvp_jax.models import cache as kv_cache
-from kvp_jax.models import decoder
+from kvp_jax.models import compile_options, decoder
 from kvp_jax.models.cache import KVCache
 from kvp_jax.models.params import Params
 from kvp_jax.ttft import method as ttft
@@ -76,7 +76,7 @@ def predict_cache(kcfg: KVPConfig, base: Params, kp: KVPParams, tokens_BT, start
   return cache_from_layers(kcfg, base, predict_layers(kcfg, kp, tokens_BT, pos), starts_B, pos, max_len)
 
 
-@functools.partial(jax.jit, static_argnames=("kcfg", "max_len"))
+@functools.partial(jax.jit, static_argnames=("kcfg", "max_len"), compiler_options=compile_options.CACHE_WRITE)
 def kvp_prefill(kcfg: KVPConfig, base: Params, kp: KVPParams, tokens_BT, starts_B, max_len: int):
   """TTFT path: aux + predictor on the first T-1 columns, then the base's step on the last column.
 

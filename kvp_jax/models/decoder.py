@@ -12,13 +12,12 @@ Shape legend: see kvp_jax/models/config.py.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from kvp_jax.models import attention
+from kvp_jax.models import attention, compile_options
 from kvp_jax.models import cache as kv_cache
 from kvp_jax.models import rope
 from kvp_jax.models.cache import KVCache
@@ -186,7 +185,8 @@ def forward(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None, cach
   return out, cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+@compile_options.decode_jit(static_argnums=0, donate_argnums=3)
 def decode_step(cfg: ModelConfig, params: Params, tokens_B1, cache: KVCache):
-  """One cached decode step, jitted with the cache donated: (logits [B, V], cache)."""
+  """One cached decode step, jitted with the cache donated and compile_options.decode_options(B): (logits [B, V],
+  cache)."""
   return forward(cfg, params, tokens_B1, None, cache, all_logits=False)

@@ -9,6 +9,11 @@ A causal prefill of T tokens therefore costs sum_{c=1..T} 4 L c d_attn = 2 L d_a
 is the 2 * n_layer * d_attn * N_ctx of METHOD.md with the causal context averaging (T + 1) / 2.
 `paper_ttft_flops` is the KV Prediction paper's own TTFT count, T * cost_aux(1), which leaves out the
 attention term, the predictor and the base's step.
+
+Bytes that must be read (the memory half of a roofline): every weight a call multiplies by, once, and the KV
+cache a cached step attends to. A weight element costs 2 FLOPs per token, so a call's weight bytes are its
+matmul FLOPs for one token / 2 x itemsize; the embedding gather (B*T rows) and norms are left out, and so are
+K/V a prefill writes and re-reads (they could stay in cache; the bound is a lower one).
 Shape legend: see kvp_jax/models/config.py.
 """
 
@@ -52,6 +57,27 @@ def prefill_flops(cfg: ModelConfig, prompt_len: int, *, batch: int = 1, attentio
 def decode_flops(cfg: ModelConfig, context_len: int, *, batch: int = 1, attention: bool = True) -> int:
   """One generated token after `context_len` cached ones (it attends to context_len + 1 keys)."""
   return forward_flops(cfg, 1, context_before=context_len, batch=batch, attention=attention)
+
+
+def weight_bytes(flops_one_token: int, itemsize: int = 4) -> int:
+  """Bytes of the weights behind `flops_one_token` matmul FLOPs for one token (2 FLOPs per weight element)."""
+  return flops_one_token // 2 * itemsize
+
+
+def kv_cache_bytes(cfg: ModelConfig, context_len: int, *, batch: int = 1, itemsize: int = 4) -> int:
+  """K and V of `context_len` slots in every layer."""
+  return 2 * cfg.num_layers * batch * context_len * cfg.kv_width * itemsize
+
+
+def prefill_read_bytes(cfg: ModelConfig, *, itemsize: int = 4) -> int:
+  """`prefill`: every layer's weights and the LM head, once (whatever T and B)."""
+  return weight_bytes(forward_flops(cfg, 1, attention=False), itemsize)
+
+
+def decode_read_bytes(cfg: ModelConfig, context_len: int, *, batch: int = 1, itemsize: int = 4) -> int:
+  """One cached step after `context_len` slots: the weights once, and the K/V it attends to."""
+  return prefill_read_bytes(cfg, itemsize=itemsize) + kv_cache_bytes(cfg, context_len + 1, batch=batch,
+                                                                     itemsize=itemsize)
 
 
 def paper_ttft_flops(aux: ModelConfig, prompt_len: int, *, batch: int = 1) -> int:

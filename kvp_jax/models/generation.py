@@ -13,14 +13,13 @@ Shape legend: see kvp_jax/models/config.py; here additionally n new tokens.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvp_jax.models import decoder
+from kvp_jax.models import compile_options, decoder
 from kvp_jax.models.cache import KVCache
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.models.params import Params
@@ -118,7 +117,7 @@ def _is_stop(tok_B, stop_S):
   return jnp.any(tok_B[:, None] == stop_S[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens"), donate_argnames=("cache",))
+@compile_options.decode_jit(static_argnames=("cfg", "sampling", "max_new_tokens"), donate_argnames=("cache",))
 def _decode_loop(cfg: ModelConfig, params: Params, first_logits_BV, cache: KVCache, key, stop_S, pad_id,
                  temperature, top_p, *, sampling: Sampling, max_new_tokens: int):
   """Samples token 0 from first_logits, then feeds each token back until n tokens or every row stopped.

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvp_jax.models import decoder, flops
+from kvp_jax.models import compile_options, decoder, flops
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.models.params import Params
 
@@ -47,7 +47,7 @@ def _model_prefill(cfg: ModelConfig, params: Params):
   return lambda tokens, starts, max_len: fn(params, tokens, starts, max_len=max_len)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@compile_options.decode_jit(static_argnums=0)
 def _cached_step(cfg: ModelConfig, params: Params, tokens_B1, cache):
   return decoder.forward(cfg, params, tokens_B1, None, cache, all_logits=False)
 

@@ -12,7 +12,8 @@ import pytest
 
 from kvp_jax.benchmark import methods as bm
 from kvp_jax.kvp import inference
-from kvp_jax.kvp.flops import aux_prediction_flops, ideal_kvp_speedup, kvp_flops, predictor_flops
+from kvp_jax.benchmark import report
+from kvp_jax.kvp.flops import aux_prediction_flops, ideal_kvp_speedup, kvp_flops, kvp_read_bytes, predictor_flops
 from kvp_jax.models import decoder, flops
 from kvp_jax.models import params as P
 from kvp_jax.models.config import ModelConfig, tiny_config
@@ -51,6 +52,47 @@ def test_decode_and_kvp_flops_compose():
           == flops.forward_flops(aux, T - 1, logits_positions=0))  # a full layer, attention included
   # With 2 of the base's 4 layers' width, KVP runs 1 full aux layer + K/V projections: more than 2x, under 4x.
   assert 2 < ideal_kvp_speedup(base, two, T) < 4
+
+
+def test_read_bytes_by_hand():
+  """The roofline's bytes: each weight once (4 bytes in float32), plus the K/V a cached step attends to."""
+  cfg = tiny_config()  # D 64, F 128, L 2, N 4, K 2, H 16, V 256
+  weights = 2 * (64 * (4 + 4) * 16 + 4 * 16 * 64 + 3 * 64 * 128) + 64 * 256  # layers + LM head
+  assert flops.prefill_read_bytes(cfg) == 4 * weights
+  assert flops.prefill_read_bytes(cfg, itemsize=2) == 2 * weights
+  cache = 2 * 2 * 3 * 11 * (2 * 16) * 4  # K and V, L=2, B=3, 10 slots + the new one, K*H=32, float32
+  assert flops.decode_read_bytes(cfg, 10, batch=3) == 4 * weights + cache
+  aux = tiny_config(num_layers=1)
+  # The one-layer aux: only its K/V projections run; the predictor: 2 layers x (K and V) of [32 -> 32].
+  expect = 4 * (2 * 64 * 32 + 2 * 2 * 32 * 32) + flops.decode_read_bytes(cfg, 11)
+  assert kvp_read_bytes(cfg, aux, 12) == expect
+
+
+def test_rival_read_bytes_by_hand():
+  """Each pass one after another reads its weights again; SwiftKV's K/V projections replace the late layers'."""
+  from kvp_jax.baselines import gemfilter, specprefill, swiftkv
+  cfg = tiny_config()  # D 64, F 128, L 2, N 4, K 2, H 16, V 256
+  layer = 64 * (4 + 4) * 16 + 4 * 16 * 64 + 3 * 64 * 128  # q, k, v, o, MLP weights of one layer
+  weights = 2 * layer + 64 * 256
+  # SwiftKV at k=1: layer 0, the fused K/V of layer 1 (as big as its own k and v), layer 1's q, o and MLP, LM head.
+  assert swiftkv.swiftkv_read_bytes(cfg, 1) == 4 * weights
+  # GemFilter at layer 1: layer 0, layer 1's key [64 -> 32] and query [64 -> 64] projections; then every weight.
+  assert gemfilter.gemfilter_read_bytes(cfg, 1) == 4 * (layer + 64 * 32 + 64 * 64) + 4 * weights
+  # SpecPrefill with a 1-layer draft, 12 prompt tokens, batch 2: the draft's prefill, 7 look-ahead steps (each its
+  # weights and K/V of 13..19 slots), the base's prefill.
+  draft = tiny_config(num_layers=1)
+  draft_w = layer + 64 * 256
+  kv = sum(2 * 1 * 2 * (13 + i) * 32 * 4 for i in range(7))
+  assert specprefill.specprefill_read_bytes(cfg, draft, 12, batch=2) == 4 * draft_w * 8 + kv + 4 * weights
+
+
+def test_b8_over_b1_pairs_rows_by_prompt_length():
+  rows = [{"method": "base", "prompt_len": 512, "batch": 1, "tpot_s_median": 0.02},
+          {"method": "base", "prompt_len": 512, "batch": 8, "tpot_s_median": 0.03},
+          {"method": "base", "prompt_len": 128, "batch": 8, "tpot_s_median": 0.5},  # no B=1 partner: left out
+          {"method": "kvp", "prompt_len": 512, "batch": 8, "tpot_s_median": 9.0}]
+  assert report._b8_over_b1(rows, "base", "tpot_s_median") == pytest.approx(1.5)
+  assert report._b8_over_b1(rows, "kvp", "tpot_s_median") is None
 
 
 def _xla_flops(compiled) -> float:
@@ -116,8 +158,23 @@ def test_bench_smoke_writes_valid_json(tmp_path):
     import torch  # noqa: F401
     assert "hf_torch" in methods
     assert res["torch_matmul_peak_flops_per_s"] > 0
+    torch_row = next(r for r in rows if r["method"] == "hf_torch")
+    assert torch_row["tpot_s_median"] > 0 and torch_row["tpot_from"] == "dynamic cache"
+    assert torch_row["ttft_over_roofline"] > 0
   except ImportError:
     pass
+  # Roofline: FLOPs / matmul peak + bytes / read bandwidth, both measured in the row's own rounds.
+  assert res["read_bandwidth_bytes_per_s"] > 0 and res["read_probe_bytes"] > 0
+  mm = next(r for r in res["rows"] if r["method"] == "matmul")
+  for r in rows:
+    if r["method"] in ("base", "aux_only", "kvp", "kvp_recompute", "lazyllm", "random_prune", "static_prune",
+                       "swiftkv", "specprefill", "gemfilter"):
+      assert r["roofline_s"] == pytest.approx(
+          r["flops"] / mm["achieved_flops_per_s"] + r["read_bytes"] / mm["read_bandwidth_bytes_per_s"])
+      assert r["ttft_over_roofline"] == pytest.approx(r["ttft_s_median"] / r["roofline_s"])
+    if r["method"] == "kvp":
+      assert r["kvp_base_step_s_median"] > 0
+  assert res["peers"]["llama_cpp"]  # why there is no llama.cpp row (a random base has no GGUF)
   for r in rows:
     for k in ROW_FIELDS:
       assert k in r, (k, r["method"])
@@ -131,7 +188,8 @@ def test_bench_smoke_writes_valid_json(tmp_path):
       assert r["tpot_over_own_paired_median"] > 0
   assert {(r["prompt_len"], r["batch"]) for r in rows} == {(24, 2)}
   assert set(res["figures"]) >= {"kvp_speedup_over_ideal_min_T_ge_512", "tpot_predicted_over_own_minus_1_max_abs",
-                                 "tpot_paired_ratio_minus_1_max_abs"}
+                                 "tpot_paired_ratio_minus_1_max_abs", "base_ttft_over_roofline_max_T_ge_512",
+                                 "base_tpot_b8_over_b1_max", "kvp_base_step_b8_over_b1_max"}
   assert out.with_suffix(".png").exists()
 
 
