@@ -22,7 +22,8 @@ from kvp_jax.models import checkpoints
 from kvp_jax.models import params as P
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.models.lm_loss import lm_loss
-from kvp_jax.training import loop, sharding
+from kvp_jax.training import distributed, loop, sharding
+from kvp_jax.training import step as step_lib
 
 EMBEDDED = "embedded"
 
@@ -42,6 +43,7 @@ class DataConfig:
   batch_size: int = 8
   seed: int = 0
   packing: str = "documents"  # "documents": no document split unless longer than a window; or "concat"
+  data_shards: int = 0  # disjoint document streams feeding batch_size / data_shards rows each; 0: one per process
 
 
 def texts_for(dc: DataConfig) -> list[str]:
@@ -58,12 +60,15 @@ def get_tokenizer(spec: str, workdir: Path, texts: list[str] | None):
   """`train:VOCAB` trains one into workdir/tokenizer (reused on resume); anything else is loaded."""
   if spec.startswith("train:"):
     out = workdir / "tokenizer"
-    if (out / "tokenizer.json").exists():
-      return tok_lib.load_tokenizer(out)
-    logging.info("training a %s-token BPE tokenizer on %d documents", spec[6:], len(texts))
-    return tok_lib.train_tokenizer(texts, int(spec[6:]), out)
+    if not (out / "tokenizer.json").exists() and distributed.is_main():
+      logging.info("training a %s-token BPE tokenizer on %d documents", spec[6:], len(texts))
+      tok = tok_lib.train_tokenizer(texts, int(spec[6:]), out)
+      if jax.process_count() == 1:
+        return tok
+    distributed.barrier("tokenizer")  # the other processes load what process 0 trained
+    return tok_lib.load_tokenizer(out)
   tok = tok_lib.load_tokenizer(checkpoints.tokenizer_dir(spec))
-  if workdir is not None and not (workdir / "tokenizer" / "tokenizer.json").exists():
+  if workdir is not None and not (workdir / "tokenizer" / "tokenizer.json").exists() and distributed.is_main():
     tok.save_pretrained(str(workdir / "tokenizer"))  # every workdir carries the tokenizer it was trained with
   return tok
 
@@ -74,7 +79,20 @@ def _check_vocab(cfg: ModelConfig, tok, what: str):
                      "use the model's own tokenizer or a larger vocab_size")
 
 
-def _data_iter(dc: DataConfig, texts, tok):
+def data_shards_of_process(dc: DataConfig, mesh) -> tuple[list[int], int]:
+  """(this process's data shards, their count). The batch is data_shards streams of batch_size / data_shards
+  rows, in shard order, whatever the process count: one process reading both shards of a 2-shard run sees the
+  same batches as two processes reading one each."""
+  block, blocks = sharding.process_rows(mesh, dc.batch_size)
+  shards = dc.data_shards or blocks
+  if shards % blocks or dc.batch_size % shards:
+    raise ValueError(f"--data_shards={shards} must be a multiple of the {blocks} process row blocks and divide "
+                     f"--batch_size={dc.batch_size}")
+  per = shards // blocks
+  return list(range(block * per, (block + 1) * per)), shards
+
+
+def _data_iter(dc: DataConfig, texts, tok, mesh=None):
   loss_start = None
   if not dc.qa_context_loss:
     from kvp_jax.data import qa_synthetic
@@ -82,13 +100,16 @@ def _data_iter(dc: DataConfig, texts, tok):
       raise ValueError("qa_context_loss=False, but no document is a synthetic QA document; it applies to "
                        "--data=embedded only")
     loss_start = qa_synthetic.loss_start
-  return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed, packing=dc.packing,
-                                   loss_start=loss_start)
+  mine, shards = data_shards_of_process(dc, mesh) if mesh is not None else ([0], 1)
+  return pipeline.concat_rows([
+      pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size // shards, dc.seed, packing=dc.packing,
+                                loss_start=loss_start, shard=(i, shards)) for i in mine])
 
 
 def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_keep: tuple[int, ...] | None,
              tokenizer: str, data: DataConfig, steps: int, optim: loop.OptimConfig, z_loss: float,
-             mesh, save_every: int, log_every: int, seed: int = 0, fail_at_step: int | None = None):
+             mesh, save_every: int, log_every: int, seed: int = 0, fail_at_step: int | None = None,
+             compute: step_lib.ComputeConfig = step_lib.ComputeConfig()):
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   texts = texts_for(data)
@@ -106,27 +127,31 @@ def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_kee
     cfg = ModelConfig.from_dict({"vocab_size": len(tok), **model})
     make = lambda: jax.jit(P.init, static_argnums=(0, 2))(cfg, jax.random.PRNGKey(seed))  # eager init is slow
   _check_vocab(cfg, tok, "the model")
-  checkpoints.write_json(workdir / checkpoints.MODEL_CONFIG, cfg.to_dict())
+  if distributed.is_main():
+    checkpoints.write_json(workdir / checkpoints.MODEL_CONFIG, cfg.to_dict())
   logging.info("pretraining a %.2fM-parameter %s model for %d steps", cfg.num_params() / 1e6, cfg.architecture,
                steps)
-  loss_fn = lambda p, batch: lm_loss(cfg, p, batch, z_loss)
+  loss_fn = lambda p, _, batch: lm_loss(cfg, p, batch, z_loss, remat=compute.remat)
   return loop.train(workdir=workdir, loss_fn=loss_fn, init_trainable=make, logical_axes=P.logical_axes(cfg),
-                    data_iter=_data_iter(data, texts, tok), steps=steps, optim=optim, mesh=mesh,
+                    data_iter=_data_iter(data, texts, tok, mesh), steps=steps, optim=optim, mesh=mesh,
                     tokens_per_step=data.seq_len * data.batch_size, save_every=save_every,
-                    log_every=log_every, fail_at_step=fail_at_step)
+                    log_every=log_every, fail_at_step=fail_at_step, grad_accum=compute.grad_accum,
+                    compute_dtype=step_lib.DTYPES[compute.compute_dtype])
 
 
 def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kind: str, predictor_init: str,
         layer_map: tuple[int, ...] | None, loss: losses.KVPLossConfig, freeze_aux: bool, data: DataConfig,
         steps: int, optim: loop.OptimConfig, mesh, save_every: int, log_every: int, seed: int = 0,
-        fail_at_step: int | None = None):
+        fail_at_step: int | None = None, compute: step_lib.ComputeConfig = step_lib.ComputeConfig()):
   workdir = Path(workdir)
   if not base_checkpoint:
     raise ValueError("--stage=kvp needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
-  base_cfg, base = checkpoints.load_model(base_checkpoint)
+  frozen_dtype = step_lib.DTYPES[compute.frozen_dtype]
+  base_cfg, base = checkpoints.load_model(base_checkpoint, frozen_dtype)
   kcfg, kp0 = inference.build(base_cfg, base, aux, kind=predictor_kind, init=predictor_init, layer_map=layer_map,
                               seed=seed)
-  aux_cfg, aux_params, pred0 = kcfg.aux, kp0.aux, kp0.pred
+  # The trained parts keep float32 master weights (a KVP-LP aux copies the base as stored: exact from bfloat16).
+  aux_cfg, aux_params, pred0 = kcfg.aux, P.cast(kp0.aux, jnp.float32), P.cast(kp0.pred, jnp.float32)
   if aux.kind == "c" and aux.checkpoint:
     try:
       aux_models.check_compatible(base_cfg, aux_cfg, tok_lib.load_tokenizer(checkpoints.tokenizer_dir(base_checkpoint)),
@@ -139,24 +164,27 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
   texts = texts_for(data)
   tok = get_tokenizer(str(base_checkpoint), workdir, texts)
   _check_vocab(base_cfg, tok, "the base")
-  checkpoints.write_json(workdir / checkpoints.KVP_CONFIG, {
-      "kvp": kcfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
-          base_checkpoint).exists() else base_checkpoint,
-      "loss": dataclasses.asdict(loss), "aux": dataclasses.asdict(aux), "freeze_aux": freeze_aux})
-  base_f = jax.tree.map(jnp.asarray, base)  # frozen: closed over, no grads, no optimizer state
-  frozen = {"aux": aux_params} if freeze_aux else {}
-  loss_fn = lambda t, batch: losses.kvp_loss(kcfg, loss, t, frozen, base_f, batch)
+  if distributed.is_main():
+    checkpoints.write_json(workdir / checkpoints.KVP_CONFIG, {
+        "kvp": kcfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
+            base_checkpoint).exists() else base_checkpoint,
+        "loss": dataclasses.asdict(loss), "aux": dataclasses.asdict(aux), "freeze_aux": freeze_aux})
+  # Frozen params go to the step as an argument, sharded like trained ones; no grads, no optimizer state.
+  frozen = {"base": base, **({"aux": P.cast(aux_params, frozen_dtype)} if freeze_aux else {})}
+  frozen_axes = {"base": P.logical_axes(base_cfg), **({"aux": P.logical_axes(aux_cfg)} if freeze_aux else {})}
+  loss_fn = lambda t, f, batch: losses.kvp_loss(kcfg, loss, t, {k: v for k, v in f.items() if k != "base"},
+                                                f["base"], batch, remat=compute.remat)
   init_trainable = (lambda: {"pred": pred0}) if freeze_aux else (lambda: {"aux": aux_params, "pred": pred0})
-  pred_axes = predictor.PredictorParams(wk=(None, None, None), bk=(None, None), wv=(None, None, None),
-                                        bv=(None, None))
+  pred_axes = predictor.logical_axes(kcfg)
   axes = {"pred": pred_axes} if freeze_aux else {"aux": P.logical_axes(aux_cfg), "pred": pred_axes}
   logging.info("KV Prediction: base %.2fM params (%d layers) <- aux %.2fM (%d layers), predictor %s, map %s",
                base_cfg.num_params() / 1e6, base_cfg.num_layers, aux_cfg.num_params() / 1e6, aux_cfg.num_layers,
                predictor_kind, kcfg.layer_map)
-  to_saved = (lambda t: {"aux": aux_params, **t}) if freeze_aux else None
+  to_saved = (lambda t, f: {"aux": f["aux"], **t}) if freeze_aux else None
   trainable, rows = loop.train(
       workdir=workdir, loss_fn=loss_fn, init_trainable=init_trainable, logical_axes=axes,
-      data_iter=_data_iter(data, texts, tok), steps=steps, optim=optim, mesh=mesh,
+      data_iter=_data_iter(data, texts, tok, mesh), steps=steps, optim=optim, mesh=mesh,
       tokens_per_step=data.seq_len * data.batch_size, save_every=save_every, log_every=log_every,
-      fail_at_step=fail_at_step, params_for_checkpoint=to_saved)
+      fail_at_step=fail_at_step, params_for_checkpoint=to_saved, frozen=frozen, frozen_axes=frozen_axes,
+      grad_accum=compute.grad_accum, compute_dtype=step_lib.DTYPES[compute.compute_dtype])
   return trainable, rows
