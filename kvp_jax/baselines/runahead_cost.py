@@ -100,27 +100,28 @@ def tensor_parallel_time(T: int, p: int, layers: int, single_layer_time: float, 
   return layers * (single_layer_time / p + 2 * link.all_reduce(act_bytes_per_token * T, p))
 
 
-def _equal_work_chunks(T: int, p: int, cost: ChunkCost) -> list[int]:
-  """Chunks whose own compute (ignoring the chain's waits) is equal: later chunks shorter."""
-  def cut(target):
+def equal_work_chunks(T: int, p: int, cost: ChunkCost) -> list[int]:
+  """Chunks whose per-layer work cost(n_j, end_j) is (as nearly as whole tokens allow) equal: later chunks,
+  which attend to more keys, are shorter. With the chain pipelined across layers the slowest device sets the
+  pace, so this is the natural starting point of the search."""
+  def cut(target):  # greedy from the front: each chunk as long as its work stays <= target
     out, start = [], 0
     for _ in range(p - 1):
       n = 1
-      while start + n < T and cost(n + 1, start + n + 1) <= target:
+      while start + n + 1 < T and cost(n + 1, start + n + 1) <= target:
         n += 1
       out.append(n)
       start += n
     return out + [T - start]
   lo, hi = 0.0, cost(T, T)
-  for _ in range(60):  # bisect the largest per-device work the last chunk can still absorb
+  for _ in range(60):  # the smallest target at which the last chunk's work fits under it
     mid = (lo + hi) / 2
-    c = cut(mid)
-    if c[-1] < 1 or cost(c[-1], T) > mid:
+    if cost(cut(mid)[-1], T) > mid:
       lo = mid
     else:
       hi = mid
   c = cut(hi)
-  return c if c[-1] >= 1 and min(c) >= 1 else [T // p + (i < T % p) for i in range(p)]
+  return c if min(c) >= 1 else [T // p + (i < T % p) for i in range(p)]
 
 
 def balanced_chunks(T: int, p: int, time_of: Callable[[Sequence[int]], float],
@@ -157,7 +158,7 @@ def plan_table(cfg: ModelConfig, cost: ChunkCost, T: int, ps: Sequence[int], lin
     time_of = lambda c: runahead_time(c, L, cost, link, kvb, share)
     even = [T // p + (i < T % p) for i in range(p)]
     t_even = time_of(even)
-    start = min((even, _equal_work_chunks(T, p, cost)), key=time_of)
+    start = min((even, equal_work_chunks(T, p, cost)), key=time_of)
     chunks, t_bal = balanced_chunks(T, p, time_of, start)
     t_tp = tensor_parallel_time(T, p, L, single_layer, link, cfg.hidden_size * itemsize)
     rows.append({"p": p, "tp": t_tp, "runahead_even": t_even, "runahead_balanced": t_bal, "chunks": chunks,

@@ -75,8 +75,13 @@ def tokenizer_dir(checkpoint: str | Path) -> Path:
   return p / "tokenizer" if (p / "tokenizer" / "tokenizer.json").exists() else p
 
 
-def load_model(path, dtype=None) -> tuple[ModelConfig, P.Params]:
-  """(cfg, params) from a pretrain workdir (latest checkpoint) or a Hugging Face directory / hub name."""
+def load_model(path, dtype=None, shardings_for=None) -> tuple[ModelConfig, P.Params]:
+  """(cfg, params) from a pretrain workdir (latest checkpoint) or a Hugging Face directory / hub name.
+
+  shardings_for: cfg -> a Params pytree of shardings; each array is then read straight into its shards (an 8B
+  base never sits whole on one device). Without it, arrays land on this process's first device.
+  """
+  import jax
   import jax.numpy as jnp
   dtype = dtype or jnp.float32
   p = Path(path)
@@ -85,9 +90,14 @@ def load_model(path, dtype=None) -> tuple[ModelConfig, P.Params]:
     ck = Checkpointer(p, save_every=1)
     if ck.latest_step() is None:
       raise hf_checkpoint.CheckpointError(f"{p} has no finished checkpoint yet; train it first (or wait)")
-    params = ck.restore_params(P.abstract(cfg, jnp.float32))
+    abstract = P.abstract(cfg, jnp.float32)
+    if shardings_for is not None or jax.process_count() > 1:  # orbax needs a sharding for every process
+      shardings = (shardings_for(cfg) if shardings_for is not None else
+                   jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract))
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = ck.restore_params(abstract)
     ck.close()
     return cfg, P.cast(params, dtype)
   if (p / KVP_CONFIG).exists():
     raise hf_checkpoint.CheckpointError(f"{p} is a kvp workdir; load it with kvp_jax.load_kvp")
-  return hf_checkpoint.load_pretrained(path, dtype)
+  return hf_checkpoint.load_pretrained(path, dtype, shardings_for=shardings_for)

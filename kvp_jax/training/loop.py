@@ -101,21 +101,23 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
                               else sharding.replicated(tree, mesh))
   trainable = init_trainable()
   shardings = shard(trainable, logical_axes)
-  trainable = jax.device_put(trainable, shardings)
+  trainable = sharding.put(trainable, shardings)
   frozen = {} if frozen is None else frozen
   frozen_shardings = shard(frozen, frozen_axes)
-  frozen = jax.device_put(frozen, frozen_shardings)
+  frozen = sharding.put(frozen, frozen_shardings)
   # Optimizer state sharded like the params it mirrors (counts replicated): otherwise the first step's output
   # shardings differ from its inputs' and the train step compiles twice.
   opt_shardings = step_lib.opt_shardings(tx, trainable, shardings, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
 
+  # The saved step count: a replicated global array, which every process can save and restore.
+  step_array = lambda s: jax.device_put(np.asarray(s, np.int32), NamedSharding(mesh, Pspec()))
   ckpt = Checkpointer(workdir, save_every=save_every)
   start = 0
   if ckpt.latest_step() is not None:
     start = ckpt.latest_step()
     abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
-    saved, opt = ckpt.restore(abstract(to_saved(trainable, frozen)), abstract({"opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}),
+    saved, opt = ckpt.restore(abstract(to_saved(trainable, frozen)), abstract({"opt_state": opt_state, "step": step_array(0)}),
                               data_iter)
     trainable = _from_saved(saved, trainable)
     opt_state = opt["opt_state"]
@@ -143,7 +145,7 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
       logging.info("step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %s", step, steps, m["loss"], row["lr"], tps,
                    _fmt_eta(eta))
       t_last, step_last = now, step
-    ckpt.save(step, to_saved(trainable, frozen), {"opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
+    ckpt.save(step, to_saved(trainable, frozen), {"opt_state": opt_state, "step": step_array(step)},
               data_iter, force=step == steps)
     if fail_at_step is not None and step == fail_at_step:
       ckpt.wait()

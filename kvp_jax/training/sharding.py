@@ -114,6 +114,16 @@ def replicated(tree, mesh):
   return jax.tree.map(lambda _: NamedSharding(mesh, Pspec()), tree)
 
 
+def put(tree, shardings):
+  """jax.device_put onto (possibly multi-process) shardings. With several processes, an array committed to one
+  local device (a checkpoint read without shardings) cannot be resharded across processes directly; it goes
+  through host memory, where every process holds the same values."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable and x.committed
+  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x) if local(x) else x, s), tree, shardings)
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, Pspec(tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None))
 

@@ -147,7 +147,9 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
   if not base_checkpoint:
     raise ValueError("--stage=kvp needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
   frozen_dtype = step_lib.DTYPES[compute.frozen_dtype]
-  base_cfg, base = checkpoints.load_model(base_checkpoint, frozen_dtype)
+  # The frozen base is read straight into its shards (it is what does not fit one device).
+  base_shardings = lambda c: sharding.param_shardings(P.abstract(c), P.logical_axes(c), mesh)
+  base_cfg, base = checkpoints.load_model(base_checkpoint, frozen_dtype, shardings_for=base_shardings)
   kcfg, kp0 = inference.build(base_cfg, base, aux, kind=predictor_kind, init=predictor_init, layer_map=layer_map,
                               seed=seed)
   # The trained parts keep float32 master weights (a KVP-LP aux copies the base as stored: exact from bfloat16).
