@@ -60,6 +60,33 @@ def _pad_rows(x, C: int):
   return jnp.pad(x, [(0, 0), (0, C - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
+def project_chunk(cfg: ModelConfig, lp, x_BnD, pos_Bn):
+  """A device's first half of a layer: rotated queries [B, n, N, H], cache-ready keys [B, n, K, H], values, and
+  what a KV predictor reads (pre-RoPE keys, the normalised input)."""
+  h = rms_norm(x_BnD, lp.attn_norm, cfg.rms_norm_eps)
+  q, k, v = decoder.project_qkv(cfg, lp, h)
+  q = decoder.rotate_queries(cfg, lp, q, pos_Bn)
+  return q, kv_cache.keys_to_cache(cfg, lp.k_norm, k, pos_Bn), v, k, h
+
+
+def attend_chunk(cfg: ModelConfig, lp, x_BnD, q_BnNH, k_BKSH, v_BKSH, pos_Bn, key_pos_BS):
+  """A device's second half of a layer: its queries against the S keys before and in its chunk, then the MLP."""
+  o = attention.masked_attention(q_BnNH, k_BKSH, v_BKSH, attention.causal_mask(pos_Bn, key_pos_BS))
+  return decoder.attn_out_and_mlp(cfg, lp, x_BnD, o)
+
+
+def device_layer(cfg: ModelConfig, lp, x_BnD, k_prefix_BKSH, v_prefix_BKSH):
+  """One device's whole work in one layer for a chunk of n tokens after S received prefix slots (no padding):
+  what the cost model's per-chunk times measure (kvp_jax/benchmark/runahead.py)."""
+  S, n = k_prefix_BKSH.shape[2], x_BnD.shape[1]
+  pos = jnp.broadcast_to(S + jnp.arange(n, dtype=jnp.int32), x_BnD.shape[:2])
+  q, k, v, _, _ = project_chunk(cfg, lp, x_BnD, pos)
+  kb = jnp.concatenate([k_prefix_BKSH, jnp.swapaxes(k, 1, 2)], axis=2)
+  vb = jnp.concatenate([v_prefix_BKSH, jnp.swapaxes(v, 1, 2)], axis=2)
+  key_pos = jnp.broadcast_to(jnp.arange(S + n, dtype=jnp.int32), (x_BnD.shape[0], S + n))
+  return attend_chunk(cfg, lp, x_BnD, q, kb, vb, pos, key_pos)
+
+
 def _chain(cfg: ModelConfig, params: Params, toks_BC, starts_B, chunks, collect: str | None):
   """One device's share of the chain (inside shard_map): (logits [B, V] of its last real token, k [L, B, K, T,
   H], v [L, B, K, T, H] of the slots it holds, collected features [L, 2, B, C, ...] or None)."""
@@ -75,11 +102,7 @@ def _chain(cfg: ModelConfig, params: Params, toks_BC, starts_B, chunks, collect:
   ks, vs, feats = [], [], []
   for lp in params.layers:
     def project(j, x, kb, vb, lp=lp):
-      n = chunks[j]
-      h = rms_norm(x[:, :n], lp.attn_norm, cfg.rms_norm_eps)
-      q, k, v = decoder.project_qkv(cfg, lp, h)
-      q = decoder.rotate_queries(cfg, lp, q, pos_of(j))
-      kc = kv_cache.keys_to_cache(cfg, lp.k_norm, k, pos_of(j))
+      q, kc, v, k, h = project_chunk(cfg, lp, x[:, :chunks[j]], pos_of(j))
       kb = kb.at[:, :, offs[j]:offs[j + 1]].set(jnp.swapaxes(kc, 1, 2).astype(kb.dtype))
       vb = vb.at[:, :, offs[j]:offs[j + 1]].set(jnp.swapaxes(v, 1, 2).astype(vb.dtype))
       feat = (k, v) if collect == "kv" else (h, h)
@@ -97,9 +120,9 @@ def _chain(cfg: ModelConfig, params: Params, toks_BC, starts_B, chunks, collect:
 
     def attend(j, x, q, kb, vb, lp=lp):
       n, end = chunks[j], int(offs[j + 1])
-      mask = attention.causal_mask(pos_of(j), slot_pos_BS[:, :end])
-      o = attention.masked_attention(q[:, :n], kb[:, :, :end], vb[:, :, :end], mask)
-      return _pad_rows(decoder.attn_out_and_mlp(cfg, lp, x[:, :n], o), C)
+      y = attend_chunk(cfg, lp, x[:, :n], q[:, :n], kb[:, :, :end], vb[:, :, :end], pos_of(j),
+                       slot_pos_BS[:, :end])
+      return _pad_rows(y, C)
 
     x = jax.lax.switch(i, [functools.partial(attend, j) for j in range(p)], x, q, kb, vb)
     ks.append(kb)
