@@ -13,7 +13,8 @@ import importlib
 
 # public name -> (module, attribute)
 _EXPORTS = {
-    "load_pretrained": ("kvp_jax.models.hf_checkpoint", "load_pretrained"),
+    "load_pretrained": ("kvp_jax.models.pretrained", "load_pretrained"),
+    "convert_gguf": ("kvp_jax.models.pretrained", "convert_gguf"),
     "save_pretrained": ("kvp_jax.models.hf_checkpoint", "save_pretrained"),
     "CheckpointError": ("kvp_jax.models.hf_checkpoint", "CheckpointError"),
     "logits": ("kvp_jax.models.decoder", "logits"),

@@ -17,7 +17,7 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
-from kvp_jax.models import hf_checkpoint
+from kvp_jax.models import hf_checkpoint, pretrained
 from kvp_jax.models import params as P
 from kvp_jax.models.config import ModelConfig
 
@@ -76,7 +76,8 @@ def tokenizer_dir(checkpoint: str | Path) -> Path:
 
 
 def load_model(path, dtype=None, shardings_for=None) -> tuple[ModelConfig, P.Params]:
-  """(cfg, params) from a pretrain workdir (latest checkpoint) or a Hugging Face directory / hub name.
+  """(cfg, params) from a pretrain workdir (latest checkpoint), a Hugging Face directory / hub name, or a GGUF
+  file (or a directory holding one).
 
   shardings_for: cfg -> a Params pytree of shardings; each array is then read straight into its shards (an 8B
   base never sits whole on one device). Without it, arrays land on this process's first device.
@@ -100,4 +101,4 @@ def load_model(path, dtype=None, shardings_for=None) -> tuple[ModelConfig, P.Par
     return cfg, P.cast(params, dtype)
   if (p / KVP_CONFIG).exists():
     raise hf_checkpoint.CheckpointError(f"{p} is a kvp workdir; load it with kvp_jax.load_kvp")
-  return hf_checkpoint.load_pretrained(path, dtype, shardings_for=shardings_for)
+  return pretrained.load_pretrained(path, dtype, shardings_for=shardings_for)

@@ -153,7 +153,7 @@ def test_sharded_save_loads_back(llama_dir, tmp_path):
   cfg, params = load_pretrained(d)
   save_pretrained(cfg, params, tmp_path, max_shard_bytes=40_000)
   shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
-  assert len(shards) > 2 and (tmp_path / "decoder.safetensors.index.json").exists()
+  assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
   cfg2, params2 = load_pretrained(tmp_path)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -177,9 +177,9 @@ def test_unknown_architecture_is_named(llama_dir, tmp_path):
 def test_missing_tensor_is_named(llama_dir, tmp_path):
   from safetensors.numpy import load_file, save_file
   d = copy(llama_dir[1], tmp_path)
-  tensors = load_file(str(d / "decoder.safetensors"))
-  del tensors["decoder.layers.1.mlp.up_proj.weight"]
-  save_file(tensors, str(d / "decoder.safetensors"), metadata={"format": "pt"})
+  tensors = load_file(str(d / "model.safetensors"))
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
   with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
     load_pretrained(d)
 
@@ -194,7 +194,7 @@ def test_shape_mismatch_is_named(llama_dir, tmp_path):
 def test_pickled_weights_are_refused(llama_dir, tmp_path):
   m, src = llama_dir
   d = copy(src, tmp_path)
-  (d / "decoder.safetensors").unlink()
+  (d / "model.safetensors").unlink()
   torch.save(m.state_dict(), d / "pytorch_model.bin")
   with pytest.raises(CheckpointError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
     load_pretrained(d)
