@@ -6,9 +6,11 @@ Trains every model of the embedded comparison and evaluates every method, in-pro
 3. lp_alone_lpF: the base pruned to a fraction F of its layers, fine-tuned alone (`lp_alone[lpF]`), for as
    many steps and on the same data as KV Prediction;
 4. kvp_c, kvp_lpF: KV Prediction against the frozen base with each auxiliary model;
-5. with --ablations, extra KV Prediction variants for one aux: lambda_C summed over layers instead of averaged,
+5. swiftkv_F: SwiftKV (baselines/swiftkv.py) self-distilled from the frozen base, prompt tokens running a
+   fraction F of its layers, on KV Prediction's data and steps;
+6. with --ablations, extra KV Prediction variants for one aux: lambda_C summed over layers instead of averaged,
    the `activation` predictor instead of `kv`, `aligned` attention in training instead of `corenet`;
-6. eval: kvp_jax.evaluation.runner on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
+7. eval: kvp_jax.evaluation.runner on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
    and WORKDIR/eval.flags to rerun the evaluation alone with `python -m kvp_jax.eval --flagfile=...`.
 A stage whose workdir already holds its final checkpoint (and was made with the same settings) is reused, as is
 an evaluation report of the same configuration, so a rerun is quick; an interrupted stage resumes.
@@ -58,7 +60,16 @@ PRESETS = {
         # LazyLLM's schedule names base layers (each in [1, num_layers - 1]): retune it with base_model's num_layers.
         "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=2;interval_size=16",
                           "lazyllm;schedule=1:0.7,2:0.5,3:0.4", "random_prune;keep=0.5",
-                          "static_prune;keep=0.5"],
+                          "static_prune;keep=0.5",
+                          # Rivals (kvp_jax/baselines/): SpecPrefill with the KVP-C aux as its draft, keeping
+                          # 30% / 50% of the ~12 32-token chunks of a mean prompt; GemFilter keeping 128 / 64 of
+                          # ~385 tokens, selected at layer 1 (their 13 of 32, scaled: pass 1 runs 2 of 4 layers).
+                          "specprefill:c@{workdir}/aux_c;keep=0.3", "specprefill:c@{workdir}/aux_c;keep=0.5",
+                          "gemfilter;topk=128", "gemfilter;topk=64"],
+        # SwiftKV: every prompt token runs round(cutoff * 4) base layers (their Llama setting 0.5, and 0.25),
+        # trained on the same data and steps as KV Prediction, with their AdamW (beta2 0.999, no weight decay).
+        "swiftkv_cutoffs": [0.5, 0.25],
+        "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
     },
     "smoke": {
         "tokenizer": "train:512",
@@ -77,7 +88,10 @@ PRESETS = {
                  "kv_error_examples": 4},
         "ablation_aux": "lp0.50",
         "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=1;interval_size=8",
-                          "lazyllm;schedule=1:0.5", "random_prune;keep=0.5", "static_prune;keep=0.5"],
+                          "lazyllm;schedule=1:0.5", "random_prune;keep=0.5", "static_prune;keep=0.5",
+                          "specprefill:c@{workdir}/aux_c;keep=0.5", "gemfilter;topk=32"],
+        "swiftkv_cutoffs": [0.5],
+        "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
     },
 }
 # KV Prediction's settings in the main rows; each ablation changes one of them.
@@ -105,17 +119,26 @@ def plan(preset: dict, ablations: bool = False) -> list[dict]:
     stages.append({"name": f"lp_alone_{lp_label(f)}", "kind": "pretrain", "needs": ["base"],
                    "args": {"lp_fraction": f, "data": kvp_data, "optim": p["kvp"]}})
   auxes = [("c", {"kind": "c"})] + [(lp_label(f), {"kind": "lp", "lp_keep_fraction": f}) for f in p["lp_fractions"]]
-  runs = [(label, aux, {}) for label, aux in auxes]
   if ablations and p["ablation_aux"] not in [label for label, _ in auxes]:
     raise ValueError(f"ablation_aux={p['ablation_aux']!r} is not one of this preset's aux models "
                      f"{[label for label, _ in auxes]}")
-  if ablations:  # after the main rows, so a run without them is a prefix of a run with them
-    runs += [(label, aux, v) for v in ABLATIONS for label, aux in auxes if label == p["ablation_aux"]]
-  for label, aux, v in runs:
+  def add_kvp(label, aux, v):
     name = f"kvp_{label}" + "".join(f"_{k}-{val}" for k, val in v.items())
     stages.append({"name": name, "kind": "kvp", "needs": ["base"] + (["aux_c"] if label == "c" else []),
                    "aux_label": label, "variant": v,
                    "args": {"aux": aux, **KVP_DEFAULTS, **v, "data": kvp_data, "optim": p["kvp"]}})
+
+  for label, aux in auxes:
+    add_kvp(label, aux, {})
+  # SwiftKV sees KV Prediction's data and steps (equal training tokens)
+  for c in p.get("swiftkv_cutoffs", ()):
+    stages.append({"name": f"swiftkv_{c:.2f}", "kind": "swiftkv", "needs": ["base"],
+                   "args": {"cutoff": c, "data": kvp_data, "optim": {**p["kvp"], **p.get("swiftkv_optim", {})}}})
+  if ablations:  # after the main rows, so a run without them is a prefix of a run with them
+    for v in ABLATIONS:
+      for label, aux in auxes:
+        if label == p["ablation_aux"]:
+          add_kvp(label, aux, v)
   return stages
 
 
@@ -127,6 +150,8 @@ def method_specs(preset: dict, stages: list[dict], workdir: Path) -> list[str]:
   for st in stages:
     if st["kind"] == "kvp":
       specs.append(f"kvp:{st['aux_label']}@{wd}/{st['name']}" + "".join(f";{k}={v}" for k, v in st["variant"].items()))
+    elif st["kind"] == "swiftkv":
+      specs.append(f"swiftkv@{wd}/{st['name']}")
   return specs + [s.format(workdir=wd) for s in preset["extra_methods"]]
 
 
@@ -159,7 +184,8 @@ def _run_stage(stage: dict, workdir: Path, mesh):
   data["qa_num_facts"] = tuple(data["qa_num_facts"])
   data = stages.DataConfig(**data)
   o = a["optim"]
-  optim = loop.OptimConfig(lr=o["lr"], warmup_steps=o["warmup_steps"])
+  optim = loop.OptimConfig(lr=o["lr"], warmup_steps=o["warmup_steps"],
+                           **{k: o[k] for k in ("b2", "weight_decay") if k in o})
   common = dict(workdir=wd, data=data, steps=o["steps"], optim=optim, mesh=mesh, save_every=o["steps"],
                 log_every=max(1, o["steps"] // 10))
   if stage["kind"] == "pretrain":
@@ -169,6 +195,9 @@ def _run_stage(stage: dict, workdir: Path, mesh):
                              tokenizer=base, z_loss=1e-4, **common)
     return stages.pretrain(model=a["model"], init_checkpoint=None, lp_keep=None,
                            tokenizer=a.get("tokenizer", base), z_loss=1e-4, **common)
+  if stage["kind"] == "swiftkv":
+    from kvp_jax.baselines import swiftkv
+    return stages.swiftkv(base_checkpoint=base, cutoff=a["cutoff"], loss=swiftkv.SwiftKVLossConfig(), **common)
   aux = aux_models.AuxSpec(kind=a["aux"]["kind"], lp_keep_fraction=a["aux"].get("lp_keep_fraction", 0.5),
                            checkpoint=str(workdir / "aux_c") if a["aux"]["kind"] == "c" else None)
   loss = losses.KVPLossConfig(kv_reduce=a["kv_reduce"], attention_mode=a["attention_mode"])

@@ -23,7 +23,8 @@ def test_smoke_preset_end_to_end_then_reuses_every_stage(tmp_path):
   rows = report["results"]
   assert {(r["method"], r.get("aux")) for r in rows} == {
       ("base", None), ("aux_only", "c"), ("lp_alone", "lp0.50"), ("kvp", "c"), ("kvp", "lp0.50"),
-      ("kvp_recompute", "lp0.50"), ("lazyllm", None), ("random_prune", None), ("static_prune", None)}
+      ("kvp_recompute", "lp0.50"), ("lazyllm", None), ("random_prune", None), ("static_prune", None),
+      ("swiftkv", None), ("specprefill", "c"), ("gemfilter", None)}
   base = next(r for r in rows if r["method"] == "base")
   assert "aux" not in base
   for r in rows:
@@ -42,7 +43,7 @@ def test_smoke_preset_end_to_end_then_reuses_every_stage(tmp_path):
   assert (tmp_path / "eval.flags").exists()
 
   again = _quickstart(tmp_path)
-  assert again.count("reused") == 6, again  # five training stages and the evaluation
+  assert again.count("reused") == 7, again  # six training stages (SwiftKV's among them) and the evaluation
 
 
 def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
@@ -59,3 +60,5 @@ def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
   assert ablations <= set(names)
   assert "kvp:lp0.50@/w/kvp_lp0.50_kv_reduce-sum;kv_reduce=sum" in specs
   assert "aux_only:c@/w/aux_c" in specs and specs[0] == "base"
+  # SwiftKV at their Llama cutoff (0.5) and at 0.25, trained as KV Prediction is, evaluated from its workdir
+  assert {"swiftkv_0.50", "swiftkv_0.25"} <= set(names) and "swiftkv@/w/swiftkv_0.50" in specs

@@ -1,8 +1,9 @@
-"""The two training stages as library functions with plain arguments (flags live in kvp_jax/train.py).
+"""The training stages as library functions with plain arguments (flags live in kvp_jax/train.py).
 
 - `pretrain`: language-model training of any decoder (a small base, a KVP-C aux, or a layer-pruned copy of a
   checkpoint fine-tuned alone, the paper's baseline).
 - `kvp`: KV Prediction against a frozen base: the aux model and the predictor train, the base never does.
+- `swiftkv`: SwiftKV's self-distillation from a frozen base: only its new norm and q/k/v projections train.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from kvp_jax.baselines import swiftkv as swiftkv_lib
 from kvp_jax.data import pipeline
 from kvp_jax.data import tokenizer as tok_lib
 from kvp_jax.kvp import aux_models, inference, losses, predictor
@@ -190,3 +192,41 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
       fail_at_step=fail_at_step, params_for_checkpoint=to_saved, frozen=frozen, frozen_axes=frozen_axes,
       grad_accum=compute.grad_accum, compute_dtype=step_lib.DTYPES[compute.compute_dtype])
   return trainable, rows
+
+
+def swiftkv(*, workdir, base_checkpoint: str, cutoff: float, loss: swiftkv_lib.SwiftKVLossConfig, data: DataConfig,
+            steps: int, optim: loop.OptimConfig, mesh, save_every: int, log_every: int, seed: int = 0,
+            fail_at_step: int | None = None, compute: step_lib.ComputeConfig = step_lib.ComputeConfig()):
+  """SwiftKV's self-distillation (baselines/swiftkv.py): the new norm and q/k/v projections of layers >= k train,
+  initialised from the base's own; the base is the frozen teacher. `seed` only orders the data. Runs on the same
+  sharded step as `kvp`: the base is read into its shards and passed as a frozen argument."""
+  workdir = Path(workdir)
+  if not base_checkpoint:
+    raise ValueError("--stage=swiftkv needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
+  frozen_dtype = step_lib.DTYPES[compute.frozen_dtype]
+  base_shardings = lambda c: sharding.param_shardings(P.abstract(c), P.logical_axes(c), mesh)
+  base_cfg, base = checkpoints.load_model(base_checkpoint, frozen_dtype, shardings_for=base_shardings)
+  k = swiftkv_lib.cutoff_layers(base_cfg.num_layers, cutoff)
+  if k == base_cfg.num_layers:
+    raise ValueError(f"--swiftkv_cutoff={cutoff} keeps all {k} layers for every prompt token: SwiftKV would have "
+                     "nothing to train; use a cutoff below 1 (theirs: 0.5 for Llama-3.1, 0.75 for Qwen2.5)")
+  workdir.mkdir(parents=True, exist_ok=True)
+  texts = texts_for(data)
+  tok = get_tokenizer(str(base_checkpoint), workdir, texts)
+  _check_vocab(base_cfg, tok, "the base")
+  if distributed.is_main():
+    checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, {
+        "base": base_cfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
+            base_checkpoint).exists() else base_checkpoint,
+        "cutoff": cutoff, "cutoff_layers": k, "loss": dataclasses.asdict(loss)})
+  # Copies of the base's weights (training never aliases the base), kept as float32 master weights.
+  skv0 = P.cast(swiftkv_lib.init_from_base(base_cfg, base, k), jnp.float32)
+  loss_fn = lambda t, f, batch: swiftkv_lib.swiftkv_loss(base_cfg, loss, t, f["base"], batch, remat=compute.remat)
+  logging.info("SwiftKV: %d of %d layers run every prompt token; %.2fM new parameters train", k,
+               base_cfg.num_layers, P.count(skv0) / 1e6)
+  return loop.train(workdir=workdir, loss_fn=loss_fn, init_trainable=lambda: skv0,
+                    logical_axes=swiftkv_lib.logical_axes(skv0), data_iter=_data_iter(data, texts, tok, mesh),
+                    steps=steps, optim=optim, mesh=mesh, tokens_per_step=data.seq_len * data.batch_size,
+                    save_every=save_every, log_every=log_every, fail_at_step=fail_at_step,
+                    frozen={"base": base}, frozen_axes={"base": P.logical_axes(base_cfg)},
+                    grad_accum=compute.grad_accum, compute_dtype=step_lib.DTYPES[compute.compute_dtype])
