@@ -298,7 +298,8 @@ def main(argv):
 
   from kvp_jax.evaluation import report as eval_report
   from kvp_jax.models.hf_checkpoint import CheckpointError
-  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)  # its per-save chatter
+  logging.get_absl_handler().addFilter(
+      lambda r: "orbax" not in r.pathname and not ("xla_bridge" in r.pathname and r.levelno < 30))  # jax's backend probe  # its per-save chatter
   say = lambda s: print(s, flush=True)
   try:
     report = run(F.workdir, copy.deepcopy(PRESETS[F.preset]), ablations=F.ablations, log=say)

@@ -168,7 +168,8 @@ def main(argv):
   from kvp_jax.models.hf_checkpoint import CheckpointError
 
   # orbax logs every step of every save at INFO; keep the log to our progress lines.
-  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
+  logging.get_absl_handler().addFilter(
+      lambda r: "orbax" not in r.pathname and not ("xla_bridge" in r.pathname and r.levelno < 30))  # jax's backend probe
   try:
     run()
   except (ValueError, CheckpointError, FileNotFoundError) as e:
