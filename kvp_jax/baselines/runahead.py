@@ -208,3 +208,20 @@ def runahead_method(cfg: ModelConfig, params: Params, mesh, chunks_for=None) -> 
   return ttft.Method(name="runahead", aux=None, prefill=prefill, step=ttft.decoder_step(cfg, params),
                      ttft_flops=lambda n: float(flops.prefill_flops(cfg, n)),
                      ttft_flops_paper=lambda n: ttft.paper_flops(cfg, n), settings={"p": p})
+
+
+def kvp_runahead_method(kcfg: KVPConfig, base: Params, kp: inference.KVPParams, aux: str, mesh,
+                        chunks_for=None) -> ttft.Method:
+  """KV Prediction whose aux prefill (what is left of its TTFT) runs by KV-Runahead over `mesh`'s seq axis.
+
+  chunks_for: aux prompt length (T - 1) -> chunk lengths (default even). FLOPs are kvp_method's: the chain
+  spreads the aux's work over p devices, it removes none of it.
+  """
+  p = mesh.shape[AXIS]
+  chunks_for = chunks_for or (lambda n: even_chunks(n, p))
+  plain = inference.kvp_method(kcfg, base, kp, aux)
+  prefill = lambda tokens, starts, max_len: kvp_runahead_prefill(
+      kcfg, base, kp, tokens, starts, max_len, mesh=mesh, chunks=tuple(chunks_for(tokens.shape[1] - 1)))
+  return ttft.Method(name="kvp_runahead", aux=aux, prefill=prefill, step=plain.step, ttft_flops=plain.ttft_flops,
+                     ttft_flops_paper=plain.ttft_flops_paper, settings={"p": p})
+

@@ -8,7 +8,9 @@ a + b n + c n ctx is fitted through the medians. The times are this machine's (a
 accelerator is their shape (overhead, per-token and per-key-pair terms), not their scale. So each target system
 is given as its peak FLOP/s and link bandwidth, and the link is scaled by this machine's measured matmul FLOP/s
 over the target's: the ratio of communication to compute, which is what decides the comparison, is the target's.
-If several accelerators are ever at hand, the same functions time the real chain (runahead.runahead_prefill).
+If several accelerators are at hand, `measure_prefills` times the real thing on them: one device's prefill,
+tensor-parallel prefill (the weights split over a p-way model axis by the training rules table, XLA inserting
+the all-reduces) and the chain (runahead.runahead_prefill) with each given chunking.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import numpy as np
 
 from kvp_jax.baselines import runahead, runahead_cost
 from kvp_jax.benchmark import timing
+from kvp_jax.models import decoder
 from kvp_jax.models import params as P
 from kvp_jax.models.config import ModelConfig
+from kvp_jax.training import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,34 @@ def measure_chunk_costs(cfg: ModelConfig, grid, *, runs: int = 3, warmup: int = 
     calls[(n, ctx)] = functools.partial(compiled, lp, x, kv, kv)
   times = timing.time_interleaved(calls, runs=runs, warmup=warmup)
   return [(n, ctx, float(np.median(times[(n, ctx)]))) for n, ctx in grid]
+
+
+def measure_prefills(cfg: ModelConfig, params, T: int, p: int, chunkings: dict[str, tuple[int, ...]], *,
+                     devices=None, runs: int = 3, warmup: int = 1) -> dict[str, float]:
+  """Median seconds of a batch-1, T-token prefill: "one device", "tensor parallel" over p devices, and the
+  KV-Runahead chain over p devices for each named chunking. Meaningful on p real accelerators; on simulated
+  CPU devices (which share the host's cores) it only shows that every variant runs."""
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) < p:
+    raise ValueError(f"timing a {p}-device prefill needs {p} devices; JAX sees {len(devices)}")
+  toks = jax.random.randint(jax.random.PRNGKey(3), (1, T), 0, cfg.vocab_size, jnp.int32)
+  starts = jnp.zeros((1,), jnp.int32)
+  one_dev = jax.device_put(params, devices[0])
+  prefill = jax.jit(decoder.prefill, static_argnums=(0, 4))
+  calls = {}
+  compiled, _ = timing.aot_compile(prefill, cfg, one_dev, toks, starts, T)
+  calls["one device"] = functools.partial(compiled, one_dev, toks, starts)
+  tp_mesh = sharding.make_mesh(data=1, model=p, devices=devices)
+  tp_params = jax.device_put(params, sharding.param_shardings(params, P.logical_axes(cfg), tp_mesh))
+  compiled, _ = timing.aot_compile(prefill, cfg, tp_params, toks, starts, T)
+  calls["tensor parallel"] = functools.partial(compiled, tp_params, toks, starts)
+  seq_mesh = sharding.make_mesh(data=1, seq=p, devices=devices)
+  for name, chunks in chunkings.items():
+    compiled, _ = timing.aot_compile(runahead.runahead_prefill, cfg, params, toks, starts, T, mesh=seq_mesh,
+                                     chunks=tuple(chunks))
+    calls[f"runahead, {name}"] = functools.partial(compiled, params, toks, starts)
+  times = timing.time_interleaved(calls, runs=runs, warmup=warmup)
+  return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def machine_flops(n: int = 2048, runs: int = 3) -> float:

@@ -49,10 +49,15 @@ CHAIN = textwrap.dedent("""
     assert hlo.count("collective-permute-start") + hlo.count("collective-permute(") >= 2 * (p - 1) * cfg.num_layers
     assert "all-gather" not in hlo
     if p == 4:  # KV Prediction with the aux prefill (T - 1 tokens) run as a chain
-      aux_chunks = runahead.even_chunks(T - 1, p)
-      lg, c = runahead.kvp_runahead_prefill(kcfg, params, kp, toks, starts, max_len, mesh=mesh, chunks=aux_chunks)
+      method = runahead.kvp_runahead_method(kcfg, params, kp, "lp", mesh)  # even chunks of the T - 1 aux tokens
+      lg, c = method.prefill(toks, starts, max_len)
       np.testing.assert_allclose(lg, kvp_ref, atol=1e-5, rtol=1e-5)
       np.testing.assert_allclose(np.where(real, c.k, 0), np.where(real, kvp_cache.k, 0), atol=1e-5, rtol=1e-5)
+      # the bench that times one device, tensor parallelism and the chain on p devices runs every variant
+      from kvp_jax.benchmark import runahead as bench
+      t = bench.measure_prefills(cfg, params, T, p, {"even": runahead.even_chunks(T, p), "uneven": chunks}, runs=1)
+      assert set(t) == {"one device", "tensor parallel", "runahead, even", "runahead, uneven"}, t
+      assert all(v > 0 for v in t.values()), t
     print("OK", chunks)
 """)
 
@@ -65,6 +70,11 @@ def _chain(chunks):
   assert r.returncode == 0 and r.stdout.count("OK") == len(chunks), r.stdout[-2000:] + r.stderr[-4000:]
 
 
+def test_chain_on_4_devices_equals_single_device_prefill():
+  _chain([(8, 6, 5, 4)])  # uneven chunks, and KV Prediction's aux prefill as a chain
+
+
+@pytest.mark.slow
 def test_chain_on_2_4_8_devices_equals_single_device_prefill():
   _chain([(13, 10), (8, 6, 5, 4), (4, 3, 3, 3, 3, 3, 2, 2)])
 
