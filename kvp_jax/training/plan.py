@@ -212,6 +212,19 @@ def plan_kvp(base_cfg: ModelConfig, aux_cfg: ModelConfig | None, aux_spec: aux_m
                   seq_len=seq_len, compute=compute, notes=notes)
 
 
+def plan_swiftkv(base_cfg: ModelConfig, cutoff: float, loss: Any, *, mesh, batch_size: int, seq_len: int,
+                 compute: step_lib.ComputeConfig) -> Plan:
+  """The swiftkv stage's step (stages.swiftkv): SwiftKV's new weights train against the frozen base."""
+  from kvp_jax.baselines import swiftkv as swiftkv_lib
+  k = swiftkv_lib.cutoff_layers(base_cfg.num_layers, cutoff)
+  base = P.abstract(base_cfg, step_lib.DTYPES[compute.frozen_dtype])
+  skv = jax.eval_shape(lambda b: P.cast(swiftkv_lib.init_from_base(base_cfg, b, k), jnp.float32), base)
+  loss_fn = lambda t, f, b: swiftkv_lib.swiftkv_loss(base_cfg, loss, t, f["base"], b, remat=compute.remat)
+  return _compile("swiftkv", loss_fn, skv, swiftkv_lib.logical_axes(skv), {"base": base},
+                  {"base": P.logical_axes(base_cfg)}, mesh=mesh, batch_size=batch_size, seq_len=seq_len,
+                  compute=compute, notes=[f"SwiftKV cutoff k={k} of {base_cfg.num_layers} layers"])
+
+
 def plan_pretrain(cfg: ModelConfig, *, z_loss: float, mesh, batch_size: int, seq_len: int,
                   compute: step_lib.ComputeConfig) -> Plan:
   loss_fn = lambda p, _, b: lm_loss(cfg, p, b, z_loss, remat=compute.remat)

@@ -42,6 +42,16 @@ def test_state_bytes_and_flops_of_a_one_device_plan():
   assert p1.step_seconds(v5e, 0.5) == pytest.approx(p1.flops_per_device / (0.5 * v5e.peak_flops))
 
 
+def test_swiftkv_plan_trains_only_its_projections():
+  from kvp_jax.baselines import swiftkv
+  p = plan_lib.plan_swiftkv(CFG, 0.5, swiftkv.SwiftKVLossConfig(), mesh=sharding.make_mesh(1, 1), batch_size=4,
+                            seq_len=16, compute=step_lib.ComputeConfig(frozen_dtype="bfloat16"))
+  J, D, N, K, H = 2, CFG.hidden_size, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim
+  assert p.trainable_params == D + J * D * N * H + D * J * 2 * K * H  # norm, queries, fused K/V
+  assert p.frozen_params == CFG.num_params() and p.state_bytes["frozen"] == 2 * CFG.num_params()
+  assert p.what == "swiftkv" and p.flops_per_device > 0 and "k=2 of 4" in p.notes[0]
+
+
 def test_known_model_configs_and_unknown_names():
   cfg = plan_lib.model_config("/path/to/Llama-3.1-8B")
   assert (cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.vocab_size) == (32, 4096, 8, 128256)

@@ -42,6 +42,15 @@ def kvp_setup(remat="none"):
   return trainable, axes, {"base": base}, {"base": P.logical_axes(CFG)}, loss_fn
 
 
+def swiftkv_setup(remat="none"):
+  from kvp_jax.baselines import swiftkv
+  base = random_params(CFG, 0)
+  # Initialised from another model: from the base itself the 2-layer student equals its teacher (loss 0).
+  trainable = swiftkv.init_from_base(CFG, random_params(CFG, 1), 1)
+  loss_fn = lambda t, f, b: swiftkv.swiftkv_loss(CFG, swiftkv.SwiftKVLossConfig(), t, f["base"], b, remat=remat)
+  return trainable, swiftkv.logical_axes(trainable), {"base": base}, {"base": P.logical_axes(CFG)}, loss_fn
+
+
 def batch(seed, B=8, T=16):
   rng = np.random.default_rng(seed)
   w = (rng.random((B, T)) > 0.3).astype(np.float32)  # padding that differs from row to row
@@ -65,7 +74,7 @@ MESHES = textwrap.dedent("""
 
   def run(spec):
     mesh = sharding.mesh_from_spec(spec)
-    trainable, axes, frozen, frozen_axes, loss_fn = kvp_setup()
+    trainable, axes, frozen, frozen_axes, loss_fn = builders[STAGE]()
     sh, fsh = sharding.param_shardings(trainable, axes, mesh), sharding.param_shardings(frozen, frozen_axes, mesh)
     osh = step_lib.opt_shardings(tx, trainable, sh, mesh)
     t, f = jax.device_put(trainable, sh), jax.device_put(frozen, fsh)
@@ -76,16 +85,17 @@ MESHES = textwrap.dedent("""
     compiled = step.lower(t, f, o, b0).compile()
     sizes = {"trainable": sharding.device_bytes(t), "frozen": sharding.device_bytes(f),
              "opt": sharding.device_bytes(o), "args": compiled.memory_analysis().argument_size_in_bytes}
-    wq_spec = t["aux"].layers[0].wq.sharding.spec
-    unsplit = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path({**t, **f})
+    wq_spec = (t["aux"].layers[0].wq if STAGE == "kvp" else t.wq).sharding.spec
+    unsplit = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path((t, f))
                if x.ndim >= 2 and x.sharding.is_fully_replicated and not jax.tree_util.keystr(k).endswith((".bk", ".bv"))]
     losses_ = []
     for s in range(3):
       t, o, m = compiled(t, f, o, sharding.shard_batch(batch(s), mesh))
       losses_.append(float(m["loss"]))
-    assert t["aux"].layers[0].wq.sharding.spec == wq_spec  # no resharding between steps
+    assert (t["aux"].layers[0].wq if STAGE == "kvp" else t.wq).sharding.spec == wq_spec  # no resharding
     return losses_, [np.asarray(x) for x in jax.tree.leaves(t)], sizes, wq_spec, b0["inputs"].sharding.spec, unsplit
 
+  builders = {"kvp": kvp_setup, "swiftkv": swiftkv_setup}
   ref = run("data:1")
   total = {k: v for k, v in ref[2].items()}
   for spec in MESH_SPECS:
@@ -95,6 +105,11 @@ MESHES = textwrap.dedent("""
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=spec)
     frac = {k: sizes[k] / total[k] for k in sizes}
     print(spec, "wq", wq_spec, "batch", bspec, "per-device fraction", {k: round(v, 3) for k, v in frac.items()})
+    if STAGE == "swiftkv":  # SwiftKV's [J, D, N, H] queries: the embed axis on fsdp, heads on model
+      want = {"fsdp:8": (None, "fsdp", None, None), "data:4,model:2": (None, None, "model", None)}.get(spec)
+      assert want is None or wq_spec == jax.sharding.PartitionSpec(*want), wq_spec
+      assert spec != "fsdp:8" or (not unsplit and frac["frozen"] == 1 / 8), (unsplit, frac)
+      continue
     if spec == "fsdp:8":  # every matrix of the tiny model divides 8 ways along its embed (or input) axis
       assert wq_spec == jax.sharding.PartitionSpec("fsdp", None, None), wq_spec
       assert not unsplit and frac["frozen"] == 1 / 8, (unsplit, frac)
@@ -111,10 +126,10 @@ MESHES = textwrap.dedent("""
 """).replace("SETUP", SETUP)
 
 
-def _run_meshes(specs):
+def _run_meshes(specs, stage="kvp"):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
          "JAX_PLATFORMS": "cpu"}
-  code = f"MESH_SPECS = {specs!r}\n" + MESHES
+  code = f"MESH_SPECS = {specs!r}\nSTAGE = {stage!r}\n" + MESHES
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
   return r.stdout
@@ -128,6 +143,12 @@ def test_fsdp_and_dp_x_tp_equal_one_device_and_shard_their_buffers():
 @pytest.mark.slow
 def test_every_mesh_layout_equals_one_device():
   _run_meshes(["data:8", "fsdp:8", "model:2", "data:2,fsdp:4", "data:4,model:2"])
+
+
+@pytest.mark.slow
+def test_swiftkv_step_on_fsdp_and_dp_x_tp_equals_one_device():
+  out = _run_meshes(["fsdp:8", "data:4,model:2"], stage="swiftkv")
+  assert "fsdp:8" in out and "data:4,model:2" in out
 
 
 def _grads(loss_fn, trainable, frozen, b, compute_dtype=jnp.float32):
@@ -149,7 +170,7 @@ def test_bf16_compute_and_frozen_base_stay_close_to_float32():
   assert abs(n16 - n32) / n32 < 5e-2, (n16, n32)
 
 
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_k_micro_batches_equal_one_batch_k_times_larger(k):
   trainable, _, frozen, _, loss_fn = kvp_setup()
   tx = loop.optimizer(loop.OptimConfig(lr=1e-2, warmup_steps=0, eps=1e-3), steps=10)  # eps: see MESHES
@@ -175,7 +196,7 @@ def test_micro_batches_take_every_kth_row():
     step_lib.microbatches({"inputs": x}, 3)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", pytest.param("dots_no_batch", marks=pytest.mark.slow)])
 def test_remat_gives_the_same_gradients(policy):
   trainable, _, frozen, _, loss_none = kvp_setup("none")
   _, _, _, _, loss_remat = kvp_setup(policy)
@@ -186,6 +207,26 @@ def test_remat_gives_the_same_gradients(policy):
   for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-7)
   # and it is really rematerialised: the backward pass recomputes the layers' matmuls
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda t: loss_remat(t, frozen, b)[0]))(trainable))
+  assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def test_swiftkv_accumulates_and_rematerialises_exactly():
+  """SwiftKV's stage runs on the same step: 2 micro-batches equal one batch, remat leaves the gradients alone."""
+  trainable, _, frozen, _, loss_fn = swiftkv_setup()
+  tx = loop.optimizer(loop.OptimConfig(lr=1e-2, warmup_steps=0, eps=1e-3), steps=10)  # eps: see MESHES
+  b = jax.tree.map(jnp.asarray, batch(0))
+  outs = {k: jax.jit(step_lib.make_step(loss_fn, tx, grad_accum=k))(trainable, frozen, tx.init(trainable), b)
+          for k in (1, 2)}
+  for key in ("loss", "loss_logits", "loss_hidden", "ce_student", "grad_norm"):
+    np.testing.assert_allclose(float(outs[2][2][key]), float(outs[1][2][key]), rtol=1e-5, err_msg=key)
+  for a, c in zip(jax.tree.leaves(outs[2][0]), jax.tree.leaves(outs[1][0])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+  _, g0 = _grads(loss_fn, trainable, frozen, b)
+  _, _, _, _, loss_remat = swiftkv_setup("full")
+  _, g1 = _grads(loss_remat, trainable, frozen, b)
+  for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-7)
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda t: loss_remat(t, frozen, b)[0]))(trainable))
   assert "remat" in jaxpr or "checkpoint" in jaxpr
 
