@@ -84,7 +84,7 @@ flags.DEFINE_integer("data_shards", 0, "Disjoint document streams making up each
                      "rows each); 0: one per process. Keep it fixed to resume or compare across process counts.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Dtype the loss computes in; trained "
                   "weights and optimizer state stay float32.")
-flags.DEFINE_enum("frozen_dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the frozen base (kvp).")
+flags.DEFINE_enum("frozen_dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the frozen base (kvp, swiftkv).")
 flags.DEFINE_integer("grad_accum", 1, "Micro-batches per optimizer step (batch_size is the whole step's).")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"], "Per-layer activation "
                   "rematerialisation: none, full (keep layer inputs only), dots (keep matmul outputs), "
