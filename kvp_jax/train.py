@@ -3,6 +3,10 @@
 Flags given on the command line after --flagfile override it. A workdir that already holds a checkpoint is
 resumed from it (parameters, optimizer, data position and step), so rerunning the same command after a crash
 continues where it stopped.
+
+Many devices: `--mesh=data:2,fsdp:4` (axes data, fsdp, model, seq; kvp_jax/training/sharding.py). Many processes
+(a TPU pod, SLURM, or `--coordinator/--num_processes/--process_id` by hand): every process runs this same
+command; launch/ holds the launchers, and `python -m kvp_jax.plan` says beforehand whether a run fits.
 """
 
 from __future__ import annotations
@@ -83,8 +87,25 @@ flags.DEFINE_float("b2", 0.95, "AdamW beta2.")
 flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
 flags.DEFINE_float("clip", 1.0, "Global gradient-norm clip.")
 # infrastructure
-flags.DEFINE_integer("mesh_data", -1, "Devices on the data axis (-1: all left by --mesh_model).")
-flags.DEFINE_integer("mesh_model", 1, "Devices on the model axis (heads / MLP width).")
+flags.DEFINE_string("mesh", "", "Device mesh as AXIS:SIZE,... over data (batch), fsdp (batch + every weight and "
+                    "optimizer state), model (heads / MLP width / vocab), seq; one size may be -1 (all devices "
+                    "left). Empty: data parallelism over every device.")
+flags.DEFINE_integer("data_shards", 0, "Disjoint document streams making up each batch (batch_size / data_shards "
+                     "rows each); 0: one per process. Keep it fixed to resume or compare across process counts.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Dtype the loss computes in; trained "
+                  "weights and optimizer state stay float32.")
+flags.DEFINE_enum("frozen_dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the frozen base (kvp, swiftkv).")
+flags.DEFINE_integer("grad_accum", 1, "Micro-batches per optimizer step (batch_size is the whole step's).")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"], "Per-layer activation "
+                  "rematerialisation: none, full (keep layer inputs only), dots (keep matmul outputs), "
+                  "dots_no_batch (keep weight-matmul outputs, recompute attention).")
+flags.DEFINE_enum("multiprocess", "auto", ["auto", "on", "off"], "jax.distributed: auto starts it when "
+                  "--coordinator is given or SLURM/Open MPI say there are several processes; on: always "
+                  "(a TPU pod); off: never.")
+flags.DEFINE_string("coordinator", None, "host:port of process 0, for runs started by hand (with "
+                    "--num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a run started by hand.")
+flags.DEFINE_integer("process_id", None, "This process's index in a run started by hand.")
 flags.DEFINE_integer("log_every", 10, "Log and write metrics every N steps.")
 flags.DEFINE_integer("save_every", 100, "Checkpoint every N steps (and at the end).")
 flags.DEFINE_integer("fail_at_step", None, "Testing: exit abruptly after this step, as a crash would.")
@@ -93,7 +114,7 @@ flags.mark_flag_as_required("workdir")
 # Refused while the command line is parsed, before anything is loaded (one line each, see kvp_jax/cli.py).
 for _name in ("steps", "num_qa_docs", "max_code_files", "warmup_steps"):
   cli.at_least(_name, 0)
-for _name in ("seq_len", "batch_size", "qa_questions_per_doc", "mesh_model", "log_every", "save_every"):
+for _name in ("seq_len", "batch_size", "qa_questions_per_doc", "log_every", "save_every"):
   cli.at_least(_name, 1)
 for _name in ("w_base", "w_aux", "lambda_c", "z_loss", "qk_weight", "weight_decay"):
   cli.finite_above(_name, 0.0, inclusive=True)
@@ -110,7 +131,23 @@ cli.fraction("min_lr_ratio", zero=True)
 cli.int_pair("qa_num_facts", 1)
 cli.ints("lp_keep_layers", 0)
 cli.ints("layer_map", 0)
-flags.register_validator("mesh_data", lambda v: v == -1 or v >= 1, message="must be -1 (all devices) or >= 1")
+
+
+def _mesh_ok(spec: str) -> bool:
+  """--mesh's syntax and sizes (whether the devices can form it is known only once jax starts)."""
+  if not spec:
+    return True
+  from kvp_jax.training import sharding  # only when --mesh is given: keeps --help fast
+  try:
+    sizes = sharding.parse_mesh(spec)
+  except ValueError as e:
+    raise flags.ValidationError(str(e).replace(f"--mesh={spec!r}: ", "")) from None
+  if any(v != -1 and v < 1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    raise flags.ValidationError("sizes must be >= 1, with at most one -1 (every device the others leave)")
+  return True
+
+
+flags.register_validator("mesh", _mesh_ok)
 cli.conflict(["stage", "base_checkpoint"], lambda f: f["stage"] in ("kvp", "swiftkv") and not f["base_checkpoint"],
              "--stage=kvp and --stage=swiftkv need --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
 cli.conflict(["stage", "model", "init_checkpoint"],
@@ -161,8 +198,10 @@ def _ints(v):
 
 def run():
   from kvp_jax.kvp import aux_models, losses  # after flag parsing: keeps --help fast
-  from kvp_jax.training import loop, sharding, stages
-  mesh = sharding.make_mesh(F.mesh_data, F.mesh_model)
+  from kvp_jax.training import distributed, loop, sharding, stages
+  from kvp_jax.training import step as step_lib
+  distributed.initialize(F.multiprocess, F.coordinator, F.num_processes, F.process_id)
+  mesh = sharding.mesh_from_spec(F.mesh)
   optim = loop.OptimConfig(lr=F.lr, min_lr_ratio=F.min_lr_ratio, warmup_steps=F.warmup_steps, b2=F.b2,
                            weight_decay=F.weight_decay, clip=F.clip)
   data = stages.DataConfig(source=F.data, num_qa_docs=F.num_qa_docs, qa_num_facts=_ints(F.qa_num_facts),
@@ -170,9 +209,11 @@ def run():
                            qa_distractors=F.qa_distractors, qa_answer_style=F.qa_answer_style,
                            qa_recap=F.qa_recap, qa_context_loss=F.qa_context_loss,
                            seq_len=F.seq_len, batch_size=F.batch_size, seed=F.seed, packing=F.packing,
-                           qa_format=F.qa_format, add_bos=F.add_bos)
+                           qa_format=F.qa_format, add_bos=F.add_bos, data_shards=F.data_shards)
+  compute = step_lib.ComputeConfig(compute_dtype=F.compute_dtype, frozen_dtype=F.frozen_dtype,
+                                   grad_accum=F.grad_accum, remat=F.remat)
   common = dict(workdir=F.workdir, data=data, steps=F.steps, optim=optim, mesh=mesh, save_every=F.save_every,
-                log_every=F.log_every, seed=F.seed, fail_at_step=F.fail_at_step)
+                log_every=F.log_every, seed=F.seed, fail_at_step=F.fail_at_step, compute=compute)
   if F.stage == "pretrain":
     keep = _ints(F.lp_keep_layers)
     if keep is None and F.lp_keep_fraction is not None:

@@ -16,7 +16,8 @@ As their code does it
   The mask is the batch's loss weights (padding and, with --qa_context_loss=false, QA contexts out); theirs
   keeps assistant turns, marked on input tokens (one position off the predictions they weigh).
 - Keys take the base layer's key norm (Qwen3, which they do not ship) and RoPE at the token's position.
-Not kept: AcrossKV (every shipped config leaves it off), their vLLM paging, gradient checkpointing.
+Not kept: AcrossKV (every shipped config leaves it off), their vLLM paging. Gradient checkpointing is the
+training step's per-layer `--remat` (student_forward).
 
 The state is an ordinary KVCache of all L layers, so evaluation's teacher forcing and greedy loops use it as is.
 Shape legend: see kvp_jax/models/config.py; here also J = L - k SwiftKV layers.
@@ -221,17 +222,26 @@ def teacher_forward(cfg: ModelConfig, base: Params, k0: int, tokens_BT, pos_BT):
   return decoder.lm_logits(cfg, base, x), h_k, h_last
 
 
-def student_forward(cfg: ModelConfig, base: Params, skv: SwiftKVParams, h_k_BTD, pos_BT):
+def student_forward(cfg: ModelConfig, base: Params, skv: SwiftKVParams, h_k_BTD, pos_BT, remat: str = "none"):
   """SwiftKV at every position from the residual stream entering layer k (layers < k are the base's, so the
-  teacher's h_k serves): (logits [B, T, V], residual entering layer L-1)."""
+  teacher's h_k serves): (logits [B, T, V], residual entering layer L-1). remat: per-layer activation
+  rematerialisation policy of the layers gradients flow through (decoder.REMAT_POLICIES)."""
+  if remat not in decoder.REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {tuple(decoder.REMAT_POLICIES)}, got {remat!r}")
   k0 = cutoff(cfg, skv)
+
+  def layer(j, x, k, v, skv):
+    q = _swift_query(cfg, base, skv, j, x, pos_BT)
+    o = attention.causal_self_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), pos_BT)
+    return decoder.attn_out_and_mlp(cfg, base.layers[k0 + j], x, o)
+
+  if remat != "none":
+    layer = jax.checkpoint(layer, policy=decoder.REMAT_POLICIES[remat], static_argnums=(0,))
   x, h_last = h_k_BTD, h_k_BTD
   for j, (k, v) in enumerate(swift_kv(cfg, base, skv, h_k_BTD, pos_BT)):
     if k0 + j == cfg.num_layers - 1:
       h_last = x
-    q = _swift_query(cfg, base, skv, j, x, pos_BT)
-    o = attention.causal_self_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), pos_BT)
-    x = decoder.attn_out_and_mlp(cfg, base.layers[k0 + j], x, o)
+    x = layer(j, x, k, v, skv)
   return decoder.lm_logits(cfg, base, x), h_last
 
 
@@ -252,22 +262,30 @@ def distill_logits_loss(student_BTV, teacher_BTV, weights_BT, temperature: float
   return jnp.mean(kl_BT) * temperature ** 2
 
 
-def swiftkv_loss(cfg: ModelConfig, lcfg: SwiftKVLossConfig, skv: SwiftKVParams, base: Params, batch):
-  """Self-distillation of SwiftKV from the base (ArcticTraining's SwiftKVTrainer.loss): (loss, metrics)."""
+def swiftkv_loss(cfg: ModelConfig, lcfg: SwiftKVLossConfig, skv: SwiftKVParams, base: Params, batch,
+                 remat: str = "none"):
+  """Self-distillation of SwiftKV from the base (ArcticTraining's SwiftKVTrainer.loss): (loss, metrics).
+
+  Both terms are means over all B*T positions, so the k equal micro-batches of gradient accumulation
+  (kvp_jax/training/step.py) average to the whole batch's loss; batch["loss_denominator"], if present, replaces
+  the weight total of the logged student CE the same way. remat: see student_forward.
+  """
   tokens = batch["inputs"]
   pos = decoder.default_positions(tokens)
   k0 = cutoff(cfg, skv)
   t_logits, h_k, t_last = jax.lax.stop_gradient(teacher_forward(cfg, base, k0, tokens, pos))
-  s_logits, s_last = student_forward(cfg, base, skv, h_k, pos)
+  s_logits, s_last = student_forward(cfg, base, skv, h_k, pos, remat)
   weights = batch.get("weights")
   logits_loss = distill_logits_loss(s_logits, t_logits, weights, lcfg.temperature)
   hidden_loss = jnp.mean(jnp.square(s_last.astype(jnp.float32) - t_last.astype(jnp.float32)))
   loss = logits_loss + lcfg.hidden_weight * hidden_loss
   # Not optimised, for the log: the student's own next-token cross-entropy.
-  lse = jax.nn.logsumexp(s_logits, axis=-1)
-  ce_BT = lse - jnp.take_along_axis(s_logits, batch["targets"][..., None], axis=-1)[..., 0]
+  s32 = s_logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(s32, axis=-1)
+  ce_BT = lse - jnp.take_along_axis(s32, batch["targets"][..., None], axis=-1)[..., 0]
   w = jnp.ones_like(ce_BT) if weights is None else weights
-  ce = jnp.sum(ce_BT * w) / jnp.maximum(jnp.sum(w), 1.0)
+  denom = batch.get("loss_denominator", jnp.sum(w))
+  ce = jnp.sum(ce_BT * w) / jnp.maximum(denom, 1.0)
   return loss, {"loss": loss, "loss_logits": logits_loss, "loss_hidden": hidden_loss, "ce_student": ce}
 
 

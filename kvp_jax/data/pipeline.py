@@ -10,6 +10,10 @@ a finite run) or FirstFitPackIterDataset (packing="documents": whole documents, 
 -> split into inputs/targets -> batch(B, drop_remainder=True) -> a pass-through whose set_state works
 around a grain 0.2.18 restore bug (see _JsonStateIterator).
 
+Sharding: `shard=(i, n)` reads every n-th document starting at i (the Dataset API's slice, before shuffling),
+so n shards see disjoint documents; several processes each build their own shard(s), and `concat_rows` joins
+the batches of several shards row-wise when one process feeds more than one (kvp_jax/training/stages.py).
+
 Checkpointing: the returned `grain.DatasetIterator` has get_state()/set_state(); the state is a JSON-able dict
 and restoring it replays exactly the same batches. With orbax, save it next to the train state:
 
@@ -274,9 +278,11 @@ SHUFFLE_WINDOW = 512  # pieces shuffled together before document packing
 
 def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int,
                     num_epochs: int | None = None, *, text_field: str = "text", add_bos: bool = True,
-                    packing: str = "concat", loss_start: Callable[[str], int | None] | None = None
-                    ) -> grain.IterDataset:
+                    packing: str = "concat", loss_start: Callable[[str], int | None] | None = None,
+                    shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
   """The batched grain IterDataset; `make_lm_iterator` is `iter()` of it. num_epochs=None repeats forever.
+
+  shard: (index, count): this dataset reads documents index, index + count, ... (see the module doc).
 
   loss_start: text -> character offset where its loss starts, or None for all of it (e.g.
     qa_synthetic.loss_start: a QA document's questions, not its randomly drawn context); batches then carry
@@ -297,7 +303,13 @@ def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: in
     raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
   if packing not in PACKINGS:
     raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
-  ds = grain.MapDataset.source(texts).shuffle(seed=seed).repeat(num_epochs)
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f"data shard {index} of {count} does not exist")
+  if count > len(texts):
+    raise ValueError(f"{count} data shards need at least as many documents; there are {len(texts)}")
+  ds = grain.MapDataset.source(texts)
+  ds = (ds[index::count] if count > 1 else ds).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(TokenizeDocument(tokenizer, add_bos, loss_start)).to_iter_dataset()
   lengths = {"tokens": seq_len + 1} | ({} if loss_start is None else {"loss": seq_len + 1})
   if packing == "concat":
@@ -315,8 +327,35 @@ def make_lm_dataset(texts_or_source: Sequence[str] | str, tokenizer, seq_len: in
 
 def make_lm_iterator(texts_or_source: Sequence[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int,
                      num_epochs: int | None = None, *, text_field: str = "text", add_bos: bool = True,
-                     packing: str = "concat", loss_start: Callable[[str], int | None] | None = None
-                     ) -> grain.DatasetIterator:
+                     packing: str = "concat", loss_start: Callable[[str], int | None] | None = None,
+                     shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:
   """A checkpointable iterator of {"inputs": int32[B, T], "targets": int32[B, T]} batches (see module doc)."""
   return iter(make_lm_dataset(texts_or_source, tokenizer, seq_len, batch_size, seed, num_epochs,
-                              text_field=text_field, add_bos=add_bos, packing=packing, loss_start=loss_start))
+                              text_field=text_field, add_bos=add_bos, packing=packing, loss_start=loss_start,
+                              shard=shard))
+
+
+class _RowConcatIterator(grain.DatasetIterator):
+  """Batches of several iterators joined along the rows (axis 0); the state holds each one's state."""
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    parts = [next(it) for it in self._parents]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": [it.get_state() for it in self._parents]}
+
+  def set_state(self, state: dict[str, Any]):
+    if len(state["shards"]) != len(self._parents):
+      raise ValueError(f"the saved data state holds {len(state['shards'])} shards, this run reads "
+                       f"{len(self._parents)}; resume with the same --data_shards and process count")
+    for it, s in zip(self._parents, state["shards"]):
+      it.set_state(s)
+
+
+def concat_rows(iterators: Sequence[grain.DatasetIterator]) -> grain.DatasetIterator:
+  """One iterator whose batches are those of `iterators` stacked row-wise, in order (one: itself)."""
+  return iterators[0] if len(iterators) == 1 else _RowConcatIterator(list(iterators))

@@ -60,24 +60,29 @@ def qk_loss(cfg: ModelConfig, base: Params, base_inputs, kv_pred, kv_true, posit
   return jnp.mean(jnp.stack(terms))
 
 
-def kvp_loss(kcfg: KVPConfig, lcfg: KVPLossConfig, trainable, frozen, base: Params, batch):
-  """trainable/frozen: dicts that together hold 'aux' and 'pred' (the aux is frozen with --freeze_aux)."""
+def kvp_loss(kcfg: KVPConfig, lcfg: KVPLossConfig, trainable, frozen, base: Params, batch, remat: str = "none"):
+  """trainable/frozen: dicts that together hold 'aux' and 'pred' (the aux is frozen with --freeze_aux).
+
+  remat: per-layer rematerialisation of the two passes gradients flow through (aux, base on predicted KV);
+  batch["loss_denominator"], if present, replaces the token count of the CE means (gradient accumulation).
+  """
   p = {**frozen, **trainable}
   tokens, targets = batch["inputs"], batch["targets"]
   pos = decoder.default_positions(tokens)
   need_aux_logits = lcfg.w_aux > 0
   aux_out = decoder.forward_layers(kcfg.aux, p["aux"], tokens, pos, compute_logits=need_aux_logits,
-                                   **predictor.collect_flags(kcfg.kind))
+                                   remat=remat, **predictor.collect_flags(kcfg.kind))
   kv_pred = predictor.predict(kcfg, p["pred"], aux_out)
   # The teacher: the base's own K/V (and normalised inputs for the QK term), with no gradient anywhere.
   teacher = decoder.forward_layers(kcfg.base, base, tokens, pos, collect_kv=True,
                                    collect_inputs=lcfg.qk_weight > 0, compute_logits=False)
   teacher = jax.lax.stop_gradient(teacher)
   base_out = decoder.forward_layers(kcfg.base, base, tokens, pos, kv_override=kv_pred,
-                                    attention_mode=lcfg.attention_mode)
+                                    attention_mode=lcfg.attention_mode, remat=remat)
   weights = batch.get("weights")
-  base_total, ce_base = cross_entropy(base_out.logits, targets, lcfg.z_loss, weights)
-  aux_total, ce_aux = (cross_entropy(aux_out.logits, targets, lcfg.z_loss, weights) if need_aux_logits
+  denom = batch.get("loss_denominator")
+  base_total, ce_base = cross_entropy(base_out.logits, targets, lcfg.z_loss, weights, denom)
+  aux_total, ce_aux = (cross_entropy(aux_out.logits, targets, lcfg.z_loss, weights, denom) if need_aux_logits
                        else (jnp.zeros(()), jnp.zeros(())))
   per_layer = jnp.stack([jnp.mean(jnp.abs(pr.k - tr.k)) + jnp.mean(jnp.abs(pr.v - tr.v))
                          for pr, tr in zip(kv_pred, teacher.kv)])

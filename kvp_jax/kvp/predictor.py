@@ -67,6 +67,12 @@ class PredictorParams:
   bv: Any  # [L_B, O]
 
 
+def logical_axes(kcfg: KVPConfig) -> PredictorParams:
+  """Logical axes of each weight (kvp_jax/training/sharding.py maps them to mesh axes)."""
+  return PredictorParams(wk=("layers", "pred_in", "pred_out"), bk=("layers", "pred_out"),
+                         wv=("layers", "pred_in", "pred_out"), bv=("layers", "pred_out"))
+
+
 def init(kcfg: KVPConfig, key, dtype=jnp.float32, how: str = "identity") -> PredictorParams:
   """'identity' (where I == O: starts by copying the aux's K/V, the natural start for KVP-LP) or 'random'."""
   if how not in INITS:

@@ -232,9 +232,14 @@ def tokenizer_dir(checkpoint: str | Path) -> Path:
   return p / "tokenizer" if (p / "tokenizer" / "tokenizer.json").exists() else p
 
 
-def load_model(path, dtype=None) -> tuple[ModelConfig, P.Params]:
+def load_model(path, dtype=None, shardings_for=None) -> tuple[ModelConfig, P.Params]:
   """(cfg, params) from a pretrain workdir (latest checkpoint), a Hugging Face directory / hub name, or a GGUF
-  file (or a directory holding one)."""
+  file (or a directory holding one).
+
+  shardings_for: cfg -> a Params pytree of shardings; each array is then read straight into its shards (an 8B
+  base never sits whole on one device). Without it, arrays land on this process's first device.
+  """
+  import jax
   import jax.numpy as jnp
   dtype = dtype or jnp.float32
   p = Path(path)
@@ -243,8 +248,13 @@ def load_model(path, dtype=None) -> tuple[ModelConfig, P.Params]:
     ck = Checkpointer(p, save_every=1)
     if ck.latest_step() is None:
       raise hf_checkpoint.CheckpointError(f"{p} has no finished checkpoint yet; train it first (or wait)")
+    abstract = P.abstract(cfg, jnp.float32)
+    if shardings_for is not None or jax.process_count() > 1:  # orbax needs a sharding for every process
+      shardings = (shardings_for(cfg) if shardings_for is not None else
+                   jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract))
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     try:
-      params = ck.restore_params(P.abstract(cfg, jnp.float32), hint=f"{MODEL_CONFIG} and the checkpoint disagree")
+      params = ck.restore_params(abstract, hint=f"{MODEL_CONFIG} and the checkpoint disagree")
     finally:
       ck.close()
     return cfg, P.cast(params, dtype)
@@ -255,4 +265,4 @@ def load_model(path, dtype=None) -> tuple[ModelConfig, P.Params]:
   if (p / SWIFTKV_CONFIG).exists():
     raise hf_checkpoint.CheckpointError(f"{p} is a swiftkv workdir, not a model; pass a pretrain workdir or Hugging "
                                         "Face directory (load a swiftkv workdir with baselines.swiftkv.load_swiftkv)")
-  return pretrained.load_pretrained(path, dtype)
+  return pretrained.load_pretrained(path, dtype, shardings_for=shardings_for)

@@ -26,6 +26,13 @@ from kvp_jax.models.layers import dense, rms_norm, swiglu
 from kvp_jax.models.params import LayerParams, Params, lm_head_weight
 
 ATTENTION_MODES = ("causal", "corenet", "aligned")
+# What a layer keeps for the backward pass under `forward_layers(remat=...)` (None: everything, no checkpoint).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class LayerKV(NamedTuple):
@@ -80,7 +87,8 @@ def lm_logits(cfg: ModelConfig, params: Params, x_BTD):
 def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=None, *,
                    kv_override: Sequence[LayerKV] | None = None, attention_mode: str = "causal",
                    collect_kv: bool = False, collect_inputs: bool = False, compute_logits: bool = True,
-                   chunk: int | None = attention.DEFAULT_CHUNK, collect_qk: bool = False) -> ForwardOut:
+                   chunk: int | None = attention.DEFAULT_CHUNK, collect_qk: bool = False,
+                   remat: str = "none") -> ForwardOut:
   """Full causal forward pass without a cache.
 
   kv_override: per layer, predicted LayerKV (pre-RoPE keys) replacing the layer's own K/V in attention:
@@ -88,35 +96,43 @@ def forward_layers(cfg: ModelConfig, params: Params, tokens_BT, positions_BT=Non
     attention_mode="aligned": predicted K/V strictly before, the layer's own K/V at the query itself.
   collect_qk: per layer, the rotated queries and cache-ready own keys (attention maps for token importance,
     kvp_jax/baselines/recompute.py).
+  remat: activation rematerialisation per layer under differentiation (REMAT_POLICIES): "none" keeps every
+    intermediate for the backward pass; "full" keeps only each layer's input and recomputes the rest; "dots"
+    keeps matmul outputs; "dots_no_batch" keeps only the weight matmuls' outputs (attention is recomputed).
   """
   if attention_mode not in ATTENTION_MODES:
     raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
   if (kv_override is None) != (attention_mode == "causal"):
     raise ValueError("kv_override is required exactly when attention_mode is 'corenet' or 'aligned'")
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
   pos = default_positions(tokens_BT) if positions_BT is None else positions_BT
+
+  def layer(x, lp, kv_pred):
+    h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+    q, k, v = project_qkv(cfg, lp, h)
+    q_rot = rotate_queries(cfg, lp, q, pos)
+    k_own = _bkth(kv_cache.keys_to_cache(cfg, lp.k_norm, k, pos))
+    if attention_mode == "causal":
+      o = attention.causal_self_attention(q_rot, k_own, _bkth(v), pos, chunk)
+    else:
+      k_pred = _bkth(kv_cache.keys_to_cache(cfg, lp.k_norm, kv_pred.k, pos))
+      v_pred = _bkth(kv_pred.v)
+      if attention_mode == "corenet":
+        o = attention.causal_self_attention(q_rot, k_pred, v_pred, pos, chunk)
+      else:
+        o = attention.aligned_attention(q_rot, k_pred, v_pred, k_own, _bkth(v), pos)
+    return attn_out_and_mlp(cfg, lp, x, o), LayerKV(k, v), h, (q_rot, k_own)
+
+  if remat != "none":
+    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
   x = params.embed[tokens_BT]
   kvs, inputs, qks = [], [], []
   for i, lp in enumerate(params.layers):
-    h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-    q, k, v = project_qkv(cfg, lp, h)
-    if collect_kv:
-      kvs.append(LayerKV(k, v))
-    if collect_inputs:
-      inputs.append(h)
-    q = rotate_queries(cfg, lp, q, pos)
-    k_own = _bkth(kv_cache.keys_to_cache(cfg, lp.k_norm, k, pos))
-    if collect_qk:
-      qks.append((q, k_own))
-    if attention_mode == "causal":
-      o = attention.causal_self_attention(q, k_own, _bkth(v), pos, chunk)
-    else:
-      k_pred = _bkth(kv_cache.keys_to_cache(cfg, lp.k_norm, kv_override[i].k, pos))
-      v_pred = _bkth(kv_override[i].v)
-      if attention_mode == "corenet":
-        o = attention.causal_self_attention(q, k_pred, v_pred, pos, chunk)
-      else:
-        o = attention.aligned_attention(q, k_pred, v_pred, k_own, _bkth(v), pos)
-    x = attn_out_and_mlp(cfg, lp, x, o)
+    x, kv, h, qk = layer(x, lp, None if kv_override is None else kv_override[i])
+    kvs.append(kv)
+    inputs.append(h)
+    qks.append(qk)
   logits = lm_logits(cfg, params, x) if compute_logits else None
   return ForwardOut(logits, tuple(kvs) if collect_kv else None, tuple(inputs) if collect_inputs else None, x,
                     tuple(qks) if collect_qk else None)

@@ -213,8 +213,11 @@ class _TensorReader:
     return self._handles[self._where[name]].get_tensor(name)
 
 
-def load_pretrained(path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
-  """Loads (cfg, params) from a Hugging Face directory or hub name; tensors cast to `dtype`."""
+def load_pretrained(path, dtype=jnp.float32, shardings_for=None) -> tuple[ModelConfig, Params]:
+  """Loads (cfg, params) from a Hugging Face directory or hub name; tensors cast to `dtype`.
+
+  shardings_for: cfg -> a Params pytree of shardings to place each tensor into straight from host memory.
+  """
   d = resolve(path)
   cfg_file = d / "config.json"
   if not cfg_file.exists():
@@ -224,8 +227,9 @@ def load_pretrained(path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
   except (KeyError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{cfg_file} is malformed ({type(e).__name__}: {e})") from None
   r = _TensorReader(d)
+  shardings = None if shardings_for is None else shardings_for(cfg)
 
-  def get(name: str, field: str, shape: tuple[int, ...]):
+  def get(name: str, field: str, shape: tuple[int, ...], sharding=None, transpose: bool = False):
     raw = r.get(name)
     w = _to_ours(field, raw.astype(np.float32), cfg)
     if not np.isfinite(w).all():  # a corrupt or diverged file would otherwise evaluate to garbage, silently
@@ -235,21 +239,28 @@ def load_pretrained(path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
     if w.shape != shape:
       raise CheckpointError(f"tensor {name!r} has shape {raw.shape}, config.json implies {shape} in our layout; "
                             "config.json and the weights disagree")
-    return jnp.asarray(w, dtype)
+    w = w.T if transpose else w
+    if sharding is None:
+      return jnp.asarray(w, dtype)
+    import jax
+    return jax.device_put(w.astype(jnp.dtype(dtype)), sharding)
 
   from kvp_jax.models.params import param_specs
   specs = param_specs(cfg)
+  sh = (lambda f: None) if shardings is None else (lambda f: f(shardings))
   layers = []
   for i, ls in enumerate(specs.layers):
     names = _layer_names(i)
-    fields = {f: (None if s is None else get(names[f], f, s.shape)) for f, s in vars(ls).items()}
+    fields = {f: (None if s is None else get(names[f], f, s.shape, sh(lambda t: getattr(t.layers[i], f))))
+              for f, s in vars(ls).items()}
     layers.append(LayerParams(**fields))
   V, D = cfg.vocab_size, cfg.hidden_size
-  embed = get("model.embed_tokens.weight", "embed", (V, D))
+  embed = get("model.embed_tokens.weight", "embed", (V, D), sh(lambda t: t.embed))
   lm_head = None
   if not cfg.tie_word_embeddings:
-    lm_head = jnp.asarray(get("lm_head.weight", "embed", (V, D)).T)
-  params = Params(embed=embed, layers=tuple(layers), final_norm=get("model.norm.weight", "norm", (D,)),
+    lm_head = get("lm_head.weight", "embed", (V, D), sh(lambda t: t.lm_head), transpose=True)
+  params = Params(embed=embed, layers=tuple(layers), final_norm=get("model.norm.weight", "norm", (D,),
+                                                                    sh(lambda t: t.final_norm)),
                   lm_head=lm_head)
   return cfg, params
 

@@ -22,12 +22,19 @@ from kvp_jax.models.hf_checkpoint import CheckpointError
 from kvp_jax.models.params import Params
 
 
-def load_pretrained(path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
-  """(cfg, params) from a .gguf file, a directory holding one .gguf, or a Hugging Face directory / hub name."""
+def load_pretrained(path, dtype=jnp.float32, shardings_for=None) -> tuple[ModelConfig, Params]:
+  """(cfg, params) from a .gguf file, a directory holding one .gguf, or a Hugging Face directory / hub name.
+
+  shardings_for: cfg -> a Params pytree of shardings to place the weights in (hf_checkpoint.load_pretrained).
+  """
   gguf_file = gguf_checkpoint.find_gguf(path)
   if gguf_file is not None:
-    return gguf_checkpoint.load_gguf(gguf_file, dtype)
-  return hf_checkpoint.load_pretrained(path, dtype)
+    cfg, params = gguf_checkpoint.load_gguf(gguf_file, dtype)
+    if shardings_for is not None:
+      import jax
+      params = jax.device_put(params, shardings_for(cfg))
+    return cfg, params
+  return hf_checkpoint.load_pretrained(path, dtype, shardings_for=shardings_for)
 
 
 def generation_config(cfg: ModelConfig, pad_token_id: int | None) -> dict:

@@ -1,9 +1,12 @@
 """The training loop shared by every stage: optax optimiser, sharded jitted step, orbax checkpoints with the
 grain iterator state, resume, progress logging and `metrics.jsonl`.
 
-A stage supplies `loss_fn(trainable, batch) -> (loss, metrics)` plus its initial trainable params; anything
-else the loss needs (a frozen base, a frozen aux) is closed over and never receives gradients or optimizer
-state.
+A stage supplies `loss_fn(trainable, frozen, batch) -> (loss, metrics)` plus its initial trainable params and
+whatever frozen params the loss reads (a frozen base, a frozen aux): those are sharded like the trainable ones
+and passed to the step as an argument (a closed-over array would be baked into the program as a constant,
+replicated on every device), and never receive gradients or optimizer state. The step itself (mixed precision,
+gradient accumulation, shardings) is kvp_jax/training/step.py. With several processes each one feeds its own
+rows of the batch, saves its shards of the checkpoint, and only process 0 writes metrics.jsonl.
 
 No work is lost to a preemption or a divergence: SIGTERM (what a preempted TPU VM or a SLURM job gets before
 the kill) checkpoints the step just finished and raises `Preempted`; a loss, gradient norm or parameter that
@@ -35,6 +38,7 @@ from jax.sharding import PartitionSpec as Pspec
 from kvp_jax.models.checkpoints import Checkpointer, first_difference, provenance
 from kvp_jax.models.hf_checkpoint import CheckpointError
 from kvp_jax.training import sharding
+from kvp_jax.training import step as step_lib
 
 
 class Preempted(Exception):
@@ -76,11 +80,12 @@ def optimizer(oc: OptimConfig, steps: int) -> optax.GradientTransformation:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step; on resume, drops lines past the restored step first."""
+  """Appends one JSON object per logged step; on resume, drops lines past the restored step first.
+  Only process 0 writes (every process computes the same replicated metrics)."""
 
   def __init__(self, path: Path, resume_step: int):
-    self.path = path
-    if path.exists():
+    self.path = path if jax.process_index() == 0 else None
+    if self.path is not None and path.exists():
       kept = []
       for line in path.read_text().splitlines():
         try:
@@ -94,6 +99,8 @@ class MetricsWriter:
       tmp.replace(path)
 
   def write(self, row: dict):
+    if self.path is None:
+      return
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
 
@@ -182,14 +189,16 @@ _SIGTERM = _SigtermFlag()
 @_SIGTERM.watching
 def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logical_axes: Any | None,
           data_iter, steps: int, optim: OptimConfig, mesh, tokens_per_step: int, save_every: int,
-          log_every: int = 10, fail_at_step: int | None = None, frozen_for_checkpoint: Any = None,
-          params_for_checkpoint: Callable[[Any], Any] | None = None, run_config: dict | None = None,
-          run_info: dict | None = None):
+          log_every: int = 10, fail_at_step: int | None = None, frozen: Any = None, frozen_axes: Any = None,
+          params_for_checkpoint: Callable[[Any, Any], Any] | None = None, grad_accum: int = 1,
+          compute_dtype=jnp.float32, run_config: dict | None = None, run_info: dict | None = None):
   """Runs (or resumes) training to `steps`. Returns (trainable params, list of logged metric rows).
   steps=0 saves the initial params as checkpoint 0.
 
-  params_for_checkpoint: maps the trainable pytree to what is saved as `params` (e.g. adds a frozen aux so a
-  kvp workdir always holds complete inference params); its inverse is `loss_fn`'s concern, not ours.
+  frozen, frozen_axes: the params loss_fn reads but never trains, and their logical axes (None: replicated).
+  params_for_checkpoint: (trainable, frozen) -> what is saved as `params` (e.g. adds a frozen aux so a kvp
+  workdir always holds complete inference params); its inverse is `loss_fn`'s concern, not ours.
+  grad_accum, compute_dtype: micro-batches per step and the dtype the loss computes in (step.py).
   run_config: what a resume must match (model, data); run_info: recorded only (optimizer settings, steps).
   Both go into every checkpoint's metadata. Raises Preempted after a SIGTERM, Diverged on non-finite values.
   """
@@ -198,42 +207,44 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
   workdir.mkdir(parents=True, exist_ok=True)
   tx = optimizer(optim, steps)
   sched = schedule(optim, steps)
-  to_saved = params_for_checkpoint or (lambda p: p)
+  to_saved = params_for_checkpoint or (lambda p, _: p)
 
+  shard = lambda tree, axes: (sharding.param_shardings(tree, axes, mesh) if axes is not None
+                              else sharding.replicated(tree, mesh))
   trainable = init_trainable()
-  shardings = (sharding.param_shardings(trainable, logical_axes, mesh) if logical_axes is not None
-               else sharding.replicated(trainable, mesh))
-  trainable = jax.device_put(trainable, shardings)
+  shardings = shard(trainable, logical_axes)
+  trainable = sharding.put(trainable, shardings)
+  frozen = {} if frozen is None else frozen
+  frozen_shardings = shard(frozen, frozen_axes)
+  frozen = sharding.put(frozen, frozen_shardings)
   # Optimizer state sharded like the params it mirrors (counts replicated): otherwise the first step's output
   # shardings differ from its inputs' and the train step compiles twice.
-  abstract_opt = jax.eval_shape(tx.init, trainable)
-  opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, shardings,
-                                        transform_non_params=lambda _: NamedSharding(mesh, Pspec()))
+  opt_shardings = step_lib.opt_shardings(tx, trainable, shardings, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
 
+  # The saved step count: a replicated global array, which every process can save and restore.
+  step_array = lambda s: jax.device_put(np.asarray(s, np.int32), NamedSharding(mesh, Pspec()))
   ckpt = Checkpointer(workdir, save_every=save_every)
   start = 0
   if ckpt.latest_step() is not None:
     start = ckpt.latest_step()
     _check_resume(ckpt, start, run_config)
     abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
-    saved, opt = ckpt.restore(abstract(to_saved(trainable)), abstract({"opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}),
+    saved, opt = ckpt.restore(abstract(to_saved(trainable, frozen)), abstract({"opt_state": opt_state, "step": step_array(0)}),
                               data_iter)
     trainable = _from_saved(saved, trainable)
     opt_state = opt["opt_state"]
     logging.info("resumed from %s at step %d", ckpt.dir, start)
   metrics_out = MetricsWriter(workdir / "metrics.jsonl", start)
 
-  def step_fn(trainable, opt_state, batch):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return optax.apply_updates(trainable, updates), opt_state, metrics
-
   if steps == 0 and start == 0:  # nothing to train: the starting point (e.g. a least-squares fit) is the result
-    ckpt.save(0, to_saved(trainable), {"opt_state": opt_state, "step": jnp.asarray(0, jnp.int32)}, data_iter,
+    ckpt.save(0, to_saved(trainable, frozen), {"opt_state": opt_state, "step": step_array(0)}, data_iter,
               force=True)
-  step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
+  step_fn = step_lib.jit_step(
+      step_lib.make_step(loss_fn, tx, grad_accum=grad_accum, compute_dtype=compute_dtype,
+                         batch_sharding=sharding.batch_sharding(mesh)),
+      mesh, shardings, frozen_shardings, opt_shardings, sharding.batch_sharding(mesh))
+  step_jit = lambda trainable, opt_state, batch: step_fn(trainable, frozen, opt_state, batch)
   rows, t_last, step_last = [], time.time(), start
   t_begin = time.time()
   metadata = {"config": run_config, "info": run_info}
@@ -245,7 +256,7 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
     preempted = _SIGTERM.got and step < steps
     save = preempted or step == steps or ckpt.due(step)
     if step % log_every == 0 or step == steps or save:  # never log or save a non-finite state
-      _stop_if_diverged(first_bad, to_saved(trainable) if save else None, ckpt, step)
+      _stop_if_diverged(first_bad, to_saved(trainable, frozen) if save else None, ckpt, step)
     if step % log_every == 0 or step == steps:
       m = _to_float(metrics)  # the only host sync per log interval
       now = time.time()
@@ -258,7 +269,7 @@ def train(*, workdir, loss_fn: Callable, init_trainable: Callable[[], Any], logi
                    _fmt_eta(eta))
       t_last, step_last = now, step
     if save:
-      ckpt.save(step, to_saved(trainable), {"opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
+      ckpt.save(step, to_saved(trainable, frozen), {"opt_state": opt_state, "step": step_array(step)},
                 data_iter, force=step == steps or preempted, metadata=metadata)
     if preempted:
       ckpt.wait()

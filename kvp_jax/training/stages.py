@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 import random
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,8 @@ from kvp_jax.models import checkpoints
 from kvp_jax.models import params as P
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.models.lm_loss import lm_loss
-from kvp_jax.training import loop, sharding
+from kvp_jax.training import distributed, loop, sharding
+from kvp_jax.training import step as step_lib
 
 EMBEDDED = "embedded"
 
@@ -48,6 +48,7 @@ class DataConfig:
   packing: str = "documents"  # "documents": no document split unless longer than a window; or "concat"
   qa_format: str = "plain"  # "plain" documents, or "chat": conversations in the tokenizer's chat template
   add_bos: bool = True  # False for a model whose BOS is a chat-turn token (SmolLM2's <|im_start|>)
+  data_shards: int = 0  # disjoint document streams feeding batch_size / data_shards rows each; 0: one per process
 
 
 QA_FORMATS = ("plain", "chat")
@@ -91,10 +92,13 @@ def get_tokenizer(spec: str, workdir: Path | None, texts: list[str] | None):
   vocab = _train_vocab(spec)
   if vocab is not None:
     out = workdir / "tokenizer"
-    if (out / "tokenizer.json").exists():
-      return tok_lib.load_tokenizer(out)
-    logging.info("training a %d-token BPE tokenizer on %d documents", vocab, len(texts))
-    return tok_lib.train_tokenizer(texts, vocab, out)
+    if not (out / "tokenizer.json").exists() and distributed.is_main():
+      logging.info("training a %d-token BPE tokenizer on %d documents", vocab, len(texts))
+      tok = tok_lib.train_tokenizer(texts, vocab, out)
+      if jax.process_count() == 1:
+        return tok
+    distributed.barrier("tokenizer")  # the other processes load what process 0 trained
+    return tok_lib.load_tokenizer(out)
   tok = tok_lib.load_tokenizer(checkpoints.tokenizer_dir(spec))
   if workdir is not None:
     _keep_tokenizer(tok, workdir)
@@ -102,7 +106,7 @@ def get_tokenizer(spec: str, workdir: Path | None, texts: list[str] | None):
 
 
 def _keep_tokenizer(tok, workdir: Path):
-  if not (workdir / "tokenizer" / "tokenizer.json").exists():
+  if not (workdir / "tokenizer" / "tokenizer.json").exists() and distributed.is_main():
     tok.save_pretrained(str(workdir / "tokenizer"))  # every workdir carries the tokenizer it was trained with
 
 
@@ -123,7 +127,20 @@ def _check_vocab(cfg: ModelConfig, tok, what: str):
                      "use the model's own tokenizer or a larger vocab_size")
 
 
-def _data_iter(dc: DataConfig, texts, tok):
+def data_shards_of_process(dc: DataConfig, mesh) -> tuple[list[int], int]:
+  """(this process's data shards, their count). The batch is data_shards streams of batch_size / data_shards
+  rows, in shard order, whatever the process count: one process reading both shards of a 2-shard run sees the
+  same batches as two processes reading one each."""
+  block, blocks = sharding.process_rows(mesh, dc.batch_size)
+  shards = dc.data_shards or blocks
+  if shards % blocks or dc.batch_size % shards:
+    raise ValueError(f"--data_shards={shards} must be a multiple of the {blocks} process row blocks and divide "
+                     f"--batch_size={dc.batch_size}")
+  per = shards // blocks
+  return list(range(block * per, (block + 1) * per)), shards
+
+
+def _data_iter(dc: DataConfig, texts, tok, mesh=None):
   loss_start = None
   if not dc.qa_context_loss:
     from kvp_jax.data import qa_synthetic
@@ -131,13 +148,16 @@ def _data_iter(dc: DataConfig, texts, tok):
     if not any(loss_start(t) is not None for t in texts):
       raise ValueError("qa_context_loss=False, but no document is a synthetic QA document; it applies to "
                        "--data=embedded only")
-  return pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size, dc.seed, packing=dc.packing,
-                                   loss_start=loss_start, add_bos=dc.add_bos)
+  mine, shards = data_shards_of_process(dc, mesh) if mesh is not None else ([0], 1)
+  return pipeline.concat_rows([
+      pipeline.make_lm_iterator(texts, tok, dc.seq_len, dc.batch_size // shards, dc.seed, packing=dc.packing,
+                                loss_start=loss_start, add_bos=dc.add_bos, shard=(i, shards)) for i in mine])
 
 
 def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_keep: tuple[int, ...] | None,
              tokenizer: str, data: DataConfig, steps: int, optim: loop.OptimConfig, z_loss: float,
-             mesh, save_every: int, log_every: int, seed: int = 0, fail_at_step: int | None = None):
+             mesh, save_every: int, log_every: int, seed: int = 0, fail_at_step: int | None = None,
+             compute: step_lib.ComputeConfig = step_lib.ComputeConfig()):
   # Everything that can be wrong with the input is checked before the workdir is written to.
   workdir = Path(workdir)
   _check_run(data, mesh, steps, save_every, log_every)
@@ -161,22 +181,24 @@ def pretrain(*, workdir, model: dict | None, init_checkpoint: str | None, lp_kee
     cfg = ModelConfig.from_dict({"vocab_size": len(tok), **model})
     make = lambda: jax.jit(P.init, static_argnums=(0, 2))(cfg, jax.random.PRNGKey(seed))  # eager init is slow
   _check_vocab(cfg, tok, "the model")
-  data_iter = _data_iter(data, texts, tok)
+  data_iter = _data_iter(data, texts, tok, mesh)
   checkpoints.check_workdir(workdir, checkpoints.MODEL_CONFIG, cfg.to_dict())
   workdir.mkdir(parents=True, exist_ok=True)
   _keep_tokenizer(tok, workdir)
-  checkpoints.write_json(workdir / checkpoints.MODEL_CONFIG, cfg.to_dict())
+  if distributed.is_main():
+    checkpoints.write_json(workdir / checkpoints.MODEL_CONFIG, cfg.to_dict())
   logging.info("pretraining a %.2fM-parameter %s model for %d steps", cfg.num_params() / 1e6, cfg.architecture,
                steps)
-  loss_fn = lambda p, batch: lm_loss(cfg, p, batch, z_loss)
+  loss_fn = lambda p, _, batch: lm_loss(cfg, p, batch, z_loss, remat=compute.remat)
   return loop.train(workdir=workdir, loss_fn=loss_fn, init_trainable=make, logical_axes=P.logical_axes(cfg),
                     data_iter=data_iter, steps=steps, optim=optim, mesh=mesh,
                     tokens_per_step=data.seq_len * data.batch_size, save_every=save_every,
-                    log_every=log_every, fail_at_step=fail_at_step,
+                    log_every=log_every, fail_at_step=fail_at_step, grad_accum=compute.grad_accum,
+                    compute_dtype=step_lib.DTYPES[compute.compute_dtype],
                     run_config={"stage": "pretrain", "model": cfg.to_dict(), "data": dataclasses.asdict(data)},
                     run_info={"steps": steps, "optim": dataclasses.asdict(optim), "z_loss": z_loss,
                               "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
-                              "lp_keep": lp_keep})
+                              "lp_keep": lp_keep, "compute": dataclasses.asdict(compute)})
 
 
 PREDICTOR_INITS = predictor.INITS + ("lstsq",)
@@ -186,7 +208,7 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
         layer_map: tuple[int, ...] | None, loss: losses.KVPLossConfig, freeze_aux: bool, data: DataConfig,
         steps: int, optim: loop.OptimConfig, mesh, save_every: int, log_every: int, seed: int = 0,
         fail_at_step: int | None = None, lstsq_tokens: int = 4096, lstsq_ridge: float = 1e-3,
-        init_from: str | None = None):
+        init_from: str | None = None, compute: step_lib.ComputeConfig = step_lib.ComputeConfig()):
   """KV Prediction against a frozen base. The predictor starts as `predictor_init`: identity / random, or
   "lstsq", ridge least squares on the first `lstsq_tokens` tokens of a pass over the training data
   (kvp_jax/kvp/lstsq.py; its fit is written to lstsq.json). init_from: a kvp workdir whose aux and predictor
@@ -201,7 +223,10 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
                      "or drop --freeze_aux")
   _check_run(data, mesh, steps, save_every, log_every)
   checkpoints.check_workdir(workdir, checkpoints.KVP_CONFIG)
-  base_cfg, base = checkpoints.load_model(base_checkpoint)
+  frozen_dtype = step_lib.DTYPES[compute.frozen_dtype]
+  # The frozen base is read straight into its shards (it is what does not fit one device).
+  base_shardings = lambda c: sharding.param_shardings(P.abstract(c), P.logical_axes(c), mesh)
+  base_cfg, base = checkpoints.load_model(base_checkpoint, frozen_dtype, shardings_for=base_shardings)
   kcfg, kp0 = inference.build(base_cfg, base, aux, kind=predictor_kind,
                               init="identity" if predictor_init == "lstsq" else predictor_init, layer_map=layer_map,
                               seed=seed)
@@ -211,7 +236,8 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
     if kcfg_from != kcfg:
       raise ValueError(f"--init_from={init_from} holds another aux/predictor ({kcfg_from.aux.num_layers} aux layers, "
                        f"kind {kcfg_from.kind}) than this run ({kcfg.aux.num_layers}, {kcfg.kind})")
-  aux_cfg, aux_params, pred0 = kcfg.aux, kp0.aux, kp0.pred
+  # The trained parts keep float32 master weights (a KVP-LP aux copies the base as stored: exact from bfloat16).
+  aux_cfg, aux_params, pred0 = kcfg.aux, P.cast(kp0.aux, jnp.float32), P.cast(kp0.pred, jnp.float32)
   if aux.kind == "c" and aux.checkpoint:
     try:
       aux_models.check_compatible(base_cfg, aux_cfg, tok_lib.load_tokenizer(checkpoints.tokenizer_dir(base_checkpoint)),
@@ -223,7 +249,7 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
   tok = get_tokenizer(str(base_checkpoint), None, None)  # the base's own (a chat corpus needs it first)
   texts = texts_for(data, tok)
   _check_vocab(base_cfg, tok, "the base")
-  data_iter = _data_iter(data, texts, tok)
+  data_iter = _data_iter(data, texts, tok, mesh)
   meta = {"kvp": kcfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
               base_checkpoint).exists() else base_checkpoint,
           "loss": dataclasses.asdict(loss), "aux": dataclasses.asdict(aux), "freeze_aux": freeze_aux,
@@ -231,31 +257,35 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
   checkpoints.check_workdir(workdir, checkpoints.KVP_CONFIG, meta, compare=("kvp", "freeze_aux"))
   workdir.mkdir(parents=True, exist_ok=True)
   _keep_tokenizer(tok, workdir)
-  checkpoints.write_json(workdir / checkpoints.KVP_CONFIG, meta)
+  if distributed.is_main():
+    checkpoints.write_json(workdir / checkpoints.KVP_CONFIG, meta)
   ck = checkpoints.Checkpointer(workdir, save_every=1)
   resuming = ck.latest_step() is not None  # the fit is in the checkpoint already
   ck.close()
   if predictor_init == "lstsq" and not init_from and not resuming:
-    pred0 = fit_lstsq(kcfg, base, aux_params, data, texts, tok, lstsq_tokens, lstsq_ridge, workdir)
-  base_f = jax.tree.map(jnp.asarray, base)  # frozen: closed over, no grads, no optimizer state
-  frozen = {"aux": aux_params} if freeze_aux else {}
-  loss_fn = lambda t, batch: losses.kvp_loss(kcfg, loss, t, frozen, base_f, batch)
+    pred0 = P.cast(fit_lstsq(kcfg, base, aux_params, data, texts, tok, lstsq_tokens, lstsq_ridge, workdir),
+                   jnp.float32)
+  # Frozen params go to the step as an argument, sharded like trained ones; no grads, no optimizer state.
+  frozen = {"base": base, **({"aux": P.cast(aux_params, frozen_dtype)} if freeze_aux else {})}
+  frozen_axes = {"base": P.logical_axes(base_cfg), **({"aux": P.logical_axes(aux_cfg)} if freeze_aux else {})}
+  loss_fn = lambda t, f, batch: losses.kvp_loss(kcfg, loss, t, {k: v for k, v in f.items() if k != "base"},
+                                                f["base"], batch, remat=compute.remat)
   init_trainable = (lambda: {"pred": pred0}) if freeze_aux else (lambda: {"aux": aux_params, "pred": pred0})
-  pred_axes = predictor.PredictorParams(wk=(None, None, None), bk=(None, None), wv=(None, None, None),
-                                        bv=(None, None))
+  pred_axes = predictor.logical_axes(kcfg)
   axes = {"pred": pred_axes} if freeze_aux else {"aux": P.logical_axes(aux_cfg), "pred": pred_axes}
   logging.info("KV Prediction: base %.2fM params (%d layers) <- aux %.2fM (%d layers), predictor %s, map %s",
                base_cfg.num_params() / 1e6, base_cfg.num_layers, aux_cfg.num_params() / 1e6, aux_cfg.num_layers,
                predictor_kind, kcfg.layer_map)
-  to_saved = (lambda t: {"aux": aux_params, **t}) if freeze_aux else None
+  to_saved = (lambda t, f: {"aux": f["aux"], **t}) if freeze_aux else None
   trainable, rows = loop.train(
       workdir=workdir, loss_fn=loss_fn, init_trainable=init_trainable, logical_axes=axes,
       data_iter=data_iter, steps=steps, optim=optim, mesh=mesh,
       tokens_per_step=data.seq_len * data.batch_size, save_every=save_every, log_every=log_every,
-      fail_at_step=fail_at_step, params_for_checkpoint=to_saved,
+      fail_at_step=fail_at_step, params_for_checkpoint=to_saved, frozen=frozen, frozen_axes=frozen_axes,
+      grad_accum=compute.grad_accum, compute_dtype=step_lib.DTYPES[compute.compute_dtype],
       run_config={"stage": "kvp", "kvp": kcfg.to_dict(), "freeze_aux": freeze_aux, "data": dataclasses.asdict(data)},
       run_info={"steps": steps, "optim": dataclasses.asdict(optim), "loss": dataclasses.asdict(loss),
-                "base_checkpoint": meta["base_checkpoint"]})
+                "base_checkpoint": meta["base_checkpoint"], "compute": dataclasses.asdict(compute)})
   return trainable, rows
 
 
@@ -278,16 +308,19 @@ def fit_lstsq(kcfg, base, aux_params, data: DataConfig, texts, tok, num_tokens: 
 
 def swiftkv(*, workdir, base_checkpoint: str, cutoff: float, loss: swiftkv_lib.SwiftKVLossConfig, data: DataConfig,
             steps: int, optim: loop.OptimConfig, mesh, save_every: int, log_every: int, seed: int = 0,
-            fail_at_step: int | None = None):
+            fail_at_step: int | None = None, compute: step_lib.ComputeConfig = step_lib.ComputeConfig()):
   """SwiftKV's self-distillation (baselines/swiftkv.py): the new norm and q/k/v projections of layers >= k train,
-  initialised from the base's own; the base is the frozen teacher. `seed` only orders the data."""
+  initialised from the base's own; the base is the frozen teacher. `seed` only orders the data. Runs on the same
+  sharded step as `kvp`: the base is read into its shards and passed as a frozen argument."""
   # Everything that can be wrong with the input is checked before the workdir is written to.
   workdir = Path(workdir)
   if not base_checkpoint:
     raise ValueError("--stage=swiftkv needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
   _check_run(data, mesh, steps, save_every, log_every)
   checkpoints.check_workdir(workdir, checkpoints.SWIFTKV_CONFIG)
-  base_cfg, base = checkpoints.load_model(base_checkpoint)
+  frozen_dtype = step_lib.DTYPES[compute.frozen_dtype]
+  base_shardings = lambda c: sharding.param_shardings(P.abstract(c), P.logical_axes(c), mesh)
+  base_cfg, base = checkpoints.load_model(base_checkpoint, frozen_dtype, shardings_for=base_shardings)
   k = swiftkv_lib.cutoff_layers(base_cfg.num_layers, cutoff)
   if k == base_cfg.num_layers:
     raise ValueError(f"--swiftkv_cutoff={cutoff} keeps all {k} layers for every prompt token: SwiftKV would have "
@@ -295,24 +328,28 @@ def swiftkv(*, workdir, base_checkpoint: str, cutoff: float, loss: swiftkv_lib.S
   tok = get_tokenizer(str(base_checkpoint), None, None)  # the base's own (a chat corpus needs it first)
   texts = texts_for(data, tok)
   _check_vocab(base_cfg, tok, "the base")
-  data_iter = _data_iter(data, texts, tok)
+  data_iter = _data_iter(data, texts, tok, mesh)
   meta = {"base": base_cfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
               base_checkpoint).exists() else base_checkpoint,
           "cutoff": cutoff, "cutoff_layers": k, "loss": dataclasses.asdict(loss)}
   checkpoints.check_workdir(workdir, checkpoints.SWIFTKV_CONFIG, meta, compare=("base", "cutoff_layers"))
   workdir.mkdir(parents=True, exist_ok=True)
   _keep_tokenizer(tok, workdir)
-  checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, meta)
-  skv0 = swiftkv_lib.init_from_base(base_cfg, base, k)  # copies: training never aliases the base
-  base_f = jax.tree.map(jnp.asarray, base)  # frozen: closed over, no grads, no optimizer state
-  loss_fn = lambda t, batch: swiftkv_lib.swiftkv_loss(base_cfg, loss, t, base_f, batch)
+  if distributed.is_main():
+    checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, meta)
+  # Copies of the base's weights (training never aliases the base), kept as float32 master weights.
+  skv0 = P.cast(swiftkv_lib.init_from_base(base_cfg, base, k), jnp.float32)
+  loss_fn = lambda t, f, batch: swiftkv_lib.swiftkv_loss(base_cfg, loss, t, f["base"], batch, remat=compute.remat)
   logging.info("SwiftKV: %d of %d layers run every prompt token; %.2fM new parameters train", k,
                base_cfg.num_layers, P.count(skv0) / 1e6)
   return loop.train(workdir=workdir, loss_fn=loss_fn, init_trainable=lambda: skv0,
                     logical_axes=swiftkv_lib.logical_axes(skv0), data_iter=data_iter, steps=steps,
                     optim=optim, mesh=mesh, tokens_per_step=data.seq_len * data.batch_size, save_every=save_every,
                     log_every=log_every, fail_at_step=fail_at_step,
+                    frozen={"base": base}, frozen_axes={"base": P.logical_axes(base_cfg)},
+                    grad_accum=compute.grad_accum, compute_dtype=step_lib.DTYPES[compute.compute_dtype],
                     run_config={"stage": "swiftkv", "base": base_cfg.to_dict(), "cutoff_layers": k,
                                 "data": dataclasses.asdict(data)},
                     run_info={"steps": steps, "optim": dataclasses.asdict(optim), "loss": dataclasses.asdict(loss),
-                              "cutoff": cutoff, "base_checkpoint": meta["base_checkpoint"]})
+                              "cutoff": cutoff, "base_checkpoint": meta["base_checkpoint"],
+                              "compute": dataclasses.asdict(compute)})

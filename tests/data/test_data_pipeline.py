@@ -252,3 +252,30 @@ def test_qa_context_loss_off_needs_synthetic_qa_documents(tok):
   docs, qa_tok = _qa_docs_and_tok()
   it = stages._data_iter(stages.DataConfig(qa_context_loss=False, seq_len=256, batch_size=1), docs, qa_tok)
   assert set(next(it)) == {"inputs", "targets", "weights"}
+
+
+def test_shards_read_disjoint_documents_and_concat_rows_restores(tok):
+  one_epoch = lambda shard: list(pipeline.make_lm_iterator(DOCS, tok, 8, 1, seed=0, num_epochs=1, shard=shard))
+  tokens = lambda batches: {int(t) for b in batches for t in b["inputs"].ravel()}
+  ids = lambda i: set(tok.encode(f"document {i}:", add_special_tokens=False))
+  a, b = one_epoch((0, 2)), one_epoch((1, 2))
+  # "document 0:" (even) is read by shard 0 only, "document 1:" by shard 1 only: docs i, i+2, ... per shard
+  assert "".join(tok.decode(x["inputs"][0]) for x in a).count("document 1:") == 0
+  assert "".join(tok.decode(x["inputs"][0]) for x in b).count("document 0:") == 0
+  assert tokens(a) and tokens(b) and ids(0) <= tokens(a) | tokens(b)
+  with pytest.raises(ValueError, match="data shard 2 of 2 does not exist"):
+    pipeline.make_lm_iterator(DOCS, tok, 8, 1, seed=0, shard=(2, 2))
+  # two shards joined row-wise: batches of 2 + 2 rows, and a JSON'd state replays exactly
+  make = lambda: pipeline.concat_rows([pipeline.make_lm_iterator(DOCS, tok, 8, 2, seed=0, shard=(i, 2))
+                                       for i in range(2)])
+  it = make()
+  take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 3)
+  assert expected[0]["inputs"].shape == (4, 8)
+  fresh = make()
+  fresh.set_state(state)
+  assert_same(take(fresh, 3), expected)
+  with pytest.raises(ValueError, match="saved data state holds 2 shards"):
+    pipeline.concat_rows([pipeline.make_lm_iterator(DOCS, tok, 8, 2, seed=0, shard=(i, 3)) for i in range(3)]
+                         ).set_state(state)
