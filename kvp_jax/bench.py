@@ -1,10 +1,10 @@
 """`python -m kvp_jax.bench --flagfile=configs/bench_cpu.flags --output=bench.json`
 
 XLA-compiled latency (TTFT, TPOT), FLOPs, memory of the base's prefill, each aux model alone, KV Prediction,
-KV Prediction + selective recomputation at a few budgets, and the LazyLLM / random / static pruning baselines,
-against a float32 matmul roofline and transformers' PyTorch prefill of the same weights; see
-kvp_jax/benchmark/runner.py for the protocol. Prints a table, writes the JSON and a plot of TTFT against prompt
-length (<output>.png).
+KV Prediction + selective recomputation at a few budgets, the LazyLLM / random / static pruning baselines and
+the rivals SwiftKV, SpecPrefill and GemFilter (kvp_jax/baselines/), against a float32 matmul roofline and
+transformers' PyTorch prefill of the same weights; see kvp_jax/benchmark/runner.py for the protocol. Prints a
+table, writes the JSON and a plot of TTFT against prompt length (<output>.png).
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ flags.DEFINE_string("lazyllm_schedule", "3:0.7,6:0.5,9:0.4",
                     "lazyllm row: layer:keep_fraction,... (layers in [1, base layers)); '' for none.")
 flags.DEFINE_list("prune_keep", ["0.5"], "random_prune and static_prune rows: keep fractions; empty for none.")
 flags.DEFINE_float("static_probe_fraction", 0.25, "static_prune: fraction of layers run on every token.")
+flags.DEFINE_list("swiftkv_cutoffs", ["0.5"], "swiftkv rows: fraction of the base's layers every prompt token runs "
+                  "(projections initialised from the base); empty for none.")
+flags.DEFINE_list("specprefill_keep", ["0.3"], "specprefill rows: fraction of 32-token chunks kept; "
+                  "empty for none.")
+flags.DEFINE_string("specprefill_draft", "", "The pairing whose aux is SpecPrefill's draft; '' = the C pairing.")
+flags.DEFINE_list("gemfilter_topk", ["256"], "gemfilter rows: tokens kept; empty for none.")
+flags.DEFINE_integer("gemfilter_layer", None, "gemfilter: selection layer (default: 13 of 32 layers, scaled).")
 
 FLAGS = flags.FLAGS
 
@@ -101,7 +108,11 @@ def _build_spec():
       recompute_budgets=tuple(budgets), recompute_pairing=FLAGS.recompute_aux or None,
       recompute_edge_fraction=FLAGS.recompute_edge_fraction, recompute_importance=FLAGS.recompute_importance,
       lazyllm_schedule=schedule, prune_keep=tuple(float(k) for k in FLAGS.prune_keep),
-      static_probe_fraction=FLAGS.static_probe_fraction)
+      static_probe_fraction=FLAGS.static_probe_fraction,
+      swiftkv_cutoffs=tuple(float(c) for c in FLAGS.swiftkv_cutoffs),
+      specprefill_keep=tuple(float(k) for k in FLAGS.specprefill_keep),
+      specprefill_draft=FLAGS.specprefill_draft or None, gemfilter_topk=tuple(int(k) for k in FLAGS.gemfilter_topk),
+      gemfilter_layer=FLAGS.gemfilter_layer)
 
 
 def main(argv):

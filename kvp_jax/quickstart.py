@@ -8,9 +8,11 @@ Presets that train their own base (tiny, the default; smoke, the same path in ab
 3. lp_alone_lpF: the base pruned to a fraction F of its layers, fine-tuned alone (`lp_alone[lpF]`), for as
    many steps and on the same data as KV Prediction;
 4. kvp_c, kvp_lpF: KV Prediction against the frozen base with each auxiliary model;
-5. with --ablations, extra KV Prediction variants for one aux: lambda_C summed over layers instead of averaged,
+5. swiftkv_F: SwiftKV (baselines/swiftkv.py) self-distilled from the frozen base, prompt tokens running a
+   fraction F of its layers, on KV Prediction's data and steps;
+6. with --ablations, extra KV Prediction variants for one aux: lambda_C summed over layers instead of averaged,
    the `activation` predictor instead of `kv`, `aligned` attention in training instead of `corenet`;
-6. eval: kvp_jax.evaluation.runner on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
+7. eval: kvp_jax.evaluation.runner on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
    and WORKDIR/eval.flags to rerun the evaluation alone with `python -m kvp_jax.eval --flagfile=...`.
 
 Presets on a real pretrained base (smollm2, smollm2-full; smollm2-smoke for tests), frozen, never trained:
@@ -20,8 +22,10 @@ Hugging Face directory instead). No KVP-C: no package ships a smaller model with
 2. kvp_lpF_lstsq: KVP-LP whose predictor is fitted by ridge least squares (kvp_jax/kvp/lstsq.py), no training:
    evaluated as `kvp[lpF](train_steps=0)`;
 3. kvp_lpF: the same, then the paper's joint training for as many steps (and on the same data) as LP alone;
-4. eval: chat-template QA at four levels, code token accuracy, and fidelity to the base (first-token agreement
-   and KL), every figure with its standard error; plus selective recompute, LazyLLM, random and static pruning.
+4. swiftkv_F: SwiftKV self-distilled from the frozen base on the same data and steps;
+5. eval: chat-template QA at four levels, code token accuracy, and fidelity to the base (first-token agreement
+   and KL), every figure with its standard error; plus selective recompute, LazyLLM, random and static pruning,
+   SpecPrefill (LP alone 0.25 as the draft) and GemFilter.
 A stage whose workdir already holds its final checkpoint (and was made with the same settings) is reused, as is
 an evaluation report of the same configuration, so a rerun is quick; an interrupted stage resumes.
 """
@@ -70,7 +74,16 @@ PRESETS = {
         # LazyLLM's schedule names base layers (each in [1, num_layers - 1]): retune it with base_model's num_layers.
         "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=2;interval_size=16",
                           "lazyllm;schedule=1:0.7,2:0.5,3:0.4", "random_prune;keep=0.5",
-                          "static_prune;keep=0.5"],
+                          "static_prune;keep=0.5",
+                          # Rivals (kvp_jax/baselines/): SpecPrefill with the KVP-C aux as its draft, keeping
+                          # 30% / 50% of the ~12 32-token chunks of a mean prompt; GemFilter keeping 128 / 64 of
+                          # ~385 tokens, selected at layer 1 (their 13 of 32, scaled: pass 1 runs 2 of 4 layers).
+                          "specprefill:c@{workdir}/aux_c;keep=0.3", "specprefill:c@{workdir}/aux_c;keep=0.5",
+                          "gemfilter;topk=128", "gemfilter;topk=64"],
+        # SwiftKV: every prompt token runs round(cutoff * 4) base layers (their Llama setting 0.5, and 0.25),
+        # trained on the same data and steps as KV Prediction, with their AdamW (beta2 0.999, no weight decay).
+        "swiftkv_cutoffs": [0.5, 0.25],
+        "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
     },
     "smoke": {
         "tokenizer": "train:512",
@@ -89,7 +102,10 @@ PRESETS = {
                  "kv_error_examples": 4},
         "ablation_aux": "lp0.50",
         "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=1;interval_size=8",
-                          "lazyllm;schedule=1:0.5", "random_prune;keep=0.5", "static_prune;keep=0.5"],
+                          "lazyllm;schedule=1:0.5", "random_prune;keep=0.5", "static_prune;keep=0.5",
+                          "specprefill:c@{workdir}/aux_c;keep=0.5", "gemfilter;topk=32"],
+        "swiftkv_cutoffs": [0.5],
+        "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
     },
 }
 # The real base's presets. Prompts are <= ~800 tokens (the shared level's 40 facts), so two buckets; SmolLM2's BOS is
@@ -101,8 +117,12 @@ _SMOLLM2_EVAL = {"qa_levels": ["easy", "long", "shared", "2hop"], "fidelity": Tr
                  "add_bos": False, "code_context_chars": [200, 900], "qa_max_new_tokens": 28,
                  "code_max_new_tokens": 16, "buckets": [512, 1024], "kv_error_examples": 8}
 # LazyLLM's schedule for 30 layers: all tokens through layer 7, then 70% / 50% / 40% from layers 8 / 15 / 23.
+# Rivals: SpecPrefill with LP alone at 0.25 as its draft (no smaller model shares SmolLM2's tokenizer offline),
+# keeping 30% of the prompt's 32-token chunks; GemFilter keeping 128 tokens (~a third of a mean prompt) chosen at
+# layer 12 (their 13 of 32, scaled); SwiftKV at their Llama cutoff 0.5 (stage swiftkv_0.50).
 _SMOLLM2_EXTRA = ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=2;interval_size=16",
-                  "lazyllm;schedule=8:0.7,15:0.5,23:0.4", "random_prune;keep=0.5", "static_prune;keep=0.5"]
+                  "lazyllm;schedule=8:0.7,15:0.5,23:0.4", "random_prune;keep=0.5", "static_prune;keep=0.5",
+                  "specprefill:lp0.25@{workdir}/lp_alone_lp0.25;keep=0.3", "gemfilter;topk=128"]
 PRESETS["smollm2"] = {
     "base": "smollm2",  # a real base, frozen: no pretraining; "smollm2" is the bundled GGUF, else a directory
     "lp_fractions": [0.25, 0.5, 0.75],
@@ -113,6 +133,8 @@ PRESETS["smollm2"] = {
     "eval": {**_SMOLLM2_EVAL, "num_qa": 16, "num_code": 16, "batch_size": 16},
     "extra_methods": _SMOLLM2_EXTRA,
     "ablation_aux": "lp0.50",
+    "swiftkv_cutoffs": [0.5],
+    "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
 }
 PRESETS["smollm2-full"] = {
     **PRESETS["smollm2"],
@@ -132,8 +154,11 @@ PRESETS["smollm2-smoke"] = {
              "code_context_chars": [64, 200], "qa_max_new_tokens": 6, "code_max_new_tokens": 6,
              "buckets": [512], "kv_error_examples": 2},
     "extra_methods": ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=1;interval_size=8",
-                      "lazyllm;schedule=1:0.5", "random_prune;keep=0.5", "static_prune;keep=0.5"],
+                      "lazyllm;schedule=1:0.5", "random_prune;keep=0.5", "static_prune;keep=0.5",
+                      "specprefill:lp0.50@{workdir}/lp_alone_lp0.50;keep=0.5", "gemfilter;topk=32"],
     "ablation_aux": "lp0.50",
+    "swiftkv_cutoffs": [0.5],
+    "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
 }
 # KV Prediction's settings in the main rows; each ablation changes one of them.
 KVP_DEFAULTS = {"kv_reduce": "mean", "predictor": "kv", "attention_mode": "corenet"}
@@ -169,12 +194,26 @@ def plan(preset: dict, ablations: bool = False, base: str | None = None) -> list
     stages.append({"name": f"lp_alone_{lp_label(f)}", "kind": "pretrain", "needs": ["base"],
                    "args": {"lp_fraction": f, "data": kvp_data, "optim": p["kvp"]}})
   auxes = [("c", {"kind": "c"})] + [(lp_label(f), {"kind": "lp", "lp_keep_fraction": f}) for f in p["lp_fractions"]]
-  for label, aux, v in _runs(p, auxes, ablations):
+  def add_kvp(label, aux, v):
     name = f"kvp_{label}" + "".join(f"_{k}-{val}" for k, val in v.items())
     stages.append({"name": name, "kind": "kvp", "needs": ["base"] + (["aux_c"] if label == "c" else []),
                    "aux_label": label, "variant": v,
                    "args": {"aux": aux, **KVP_DEFAULTS, **v, "data": kvp_data, "optim": p["kvp"]}})
+
+  runs = _runs(p, auxes, ablations)  # the main rows first, then the ablations
+  for label, aux, v in runs[:len(auxes)]:
+    add_kvp(label, aux, v)
+  stages += _swiftkv_stages(p, kvp_data, ["base"], {})
+  for label, aux, v in runs[len(auxes):]:  # a run without ablations is a prefix of a run with them
+    add_kvp(label, aux, v)
   return stages
+
+
+def _swiftkv_stages(p: dict, kvp_data: dict, needs: list[str], base_arg: dict) -> list[dict]:
+  """SwiftKV at each cutoff, on KV Prediction's data and steps (equal training tokens)."""
+  return [{"name": f"swiftkv_{c:.2f}", "kind": "swiftkv", "needs": needs,
+           "args": {**base_arg, "cutoff": c, "data": kvp_data, "optim": {**p["kvp"], **p.get("swiftkv_optim", {})}}}
+          for c in p.get("swiftkv_cutoffs", ()) if p["kvp"]["steps"] > 0]
 
 
 def _runs(p: dict, auxes: list, ablations: bool) -> list[tuple[str, dict, dict]]:
@@ -214,7 +253,7 @@ def _real_plan(p: dict, ablations: bool, base: str | None) -> list[dict]:
                      "needs": [fit], "aux_label": label, "variant": v,
                      "args": {"base": base, "aux": aux, **settings, "init_from": fit, "data": kvp_data,
                               "optim": p["kvp"]}})
-  return stages
+  return stages + _swiftkv_stages(p, kvp_data, [], {"base": base})
 
 
 def method_specs(preset: dict, stages: list[dict], workdir: Path) -> list[str]:
@@ -229,6 +268,8 @@ def method_specs(preset: dict, stages: list[dict], workdir: Path) -> list[str]:
     if st["kind"] == "kvp":
       v = {**st["variant"], **({"train_steps": 0} if st.get("train_steps") == 0 else {})}
       specs.append(f"kvp:{st['aux_label']}@{wd}/{st['name']}" + "".join(f";{k}={val}" for k, val in v.items()))
+    elif st["kind"] == "swiftkv":
+      specs.append(f"swiftkv@{wd}/{st['name']}")
   return specs + [s.format(workdir=wd) for s in preset["extra_methods"]]
 
 
@@ -265,7 +306,8 @@ def _run_stage(stage: dict, workdir: Path, mesh):
   data["qa_num_facts"] = tuple(data["qa_num_facts"])
   data = stages.DataConfig(**data)
   o = a["optim"]
-  optim = loop.OptimConfig(lr=o["lr"], warmup_steps=o["warmup_steps"])
+  optim = loop.OptimConfig(lr=o["lr"], warmup_steps=o["warmup_steps"],
+                           **{k: o[k] for k in ("b2", "weight_decay") if k in o})
   common = dict(workdir=wd, data=data, steps=o["steps"], optim=optim, mesh=mesh, save_every=max(1, o["steps"]),
                 log_every=max(1, o["steps"] // 10))
   if stage["kind"] == "pretrain":
@@ -275,6 +317,9 @@ def _run_stage(stage: dict, workdir: Path, mesh):
                              tokenizer=base, z_loss=1e-4, **common)
     return stages.pretrain(model=a["model"], init_checkpoint=None, lp_keep=None,
                            tokenizer=a.get("tokenizer", base), z_loss=1e-4, **common)
+  if stage["kind"] == "swiftkv":
+    from kvp_jax.baselines import swiftkv
+    return stages.swiftkv(base_checkpoint=base, cutoff=a["cutoff"], loss=swiftkv.SwiftKVLossConfig(), **common)
   aux = aux_models.AuxSpec(kind=a["aux"]["kind"], lp_keep_fraction=a["aux"].get("lp_keep_fraction", 0.5),
                            checkpoint=str(workdir / "aux_c") if a["aux"]["kind"] == "c" else None)
   loss = losses.KVPLossConfig(kv_reduce=a["kv_reduce"], attention_mode=a["attention_mode"])
@@ -423,7 +468,8 @@ def main(argv):
 
   from kvp_jax.evaluation import report as eval_report
   from kvp_jax.models.hf_checkpoint import CheckpointError
-  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)  # its per-save chatter
+  logging.get_absl_handler().addFilter(
+      lambda r: "orbax" not in r.pathname and not ("xla_bridge" in r.pathname and r.levelno < 30))  # jax's backend probe  # its per-save chatter
   say = lambda s: print(s, flush=True)
   try:
     report = run(F.workdir, copy.deepcopy(PRESETS[F.preset]), ablations=F.ablations, base=F.base, log=say)

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 
 F = flags.FLAGS
-flags.DEFINE_enum("stage", "pretrain", ["pretrain", "kvp"], "What to train.")
+flags.DEFINE_enum("stage", "pretrain", ["pretrain", "kvp", "swiftkv"], "What to train.")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, tokenizer and configs go here.")
 flags.DEFINE_integer("steps", 100, "Total optimizer steps (a resumed run continues up to this).")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
@@ -48,7 +48,7 @@ flags.DEFINE_string("init_checkpoint", None, "pretrain: start from this workdir 
 flags.DEFINE_float("lp_keep_fraction", None, "Keep 0.25/0.5/0.75 of the layers (KVP-LP rules): for --aux=lp, "
                    "or to prune --init_checkpoint when pretraining a layer-pruned model alone.")
 flags.DEFINE_list("lp_keep_layers", None, "Explicit kept layer indices (overrides --lp_keep_fraction).")
-flags.DEFINE_string("base_checkpoint", None, "kvp: the frozen base (pretrain workdir or Hugging Face dir).")
+flags.DEFINE_string("base_checkpoint", None, "kvp, swiftkv: the frozen base (pretrain workdir or Hugging Face dir).")
 flags.DEFINE_enum("aux", "lp", ["lp", "c"], "kvp: layer-pruned base copy (KVP-LP) or a separate model (KVP-C).")
 flags.DEFINE_string("aux_checkpoint", None, "kvp --aux=c: the auxiliary model (pretrain workdir or HF dir).")
 flags.DEFINE_string("aux_model", None, "kvp --aux=c from scratch: ModelConfig fields as JSON.")
@@ -68,10 +68,16 @@ flags.DEFINE_enum("kv_reduce", "mean", ["mean", "sum"], "Consistency loss over l
 flags.DEFINE_float("z_loss", 1e-4, "z-loss coefficient (times logsumexp^2).")
 flags.DEFINE_float("qk_weight", 0.0, "Weight of the query-key similarity loss (0 = off).")
 flags.DEFINE_enum("attention_mode", "corenet", ["corenet", "aligned"], "How base queries see predicted KV in training.")
+# SwiftKV (baselines/swiftkv.py); their recipe also has --weight_decay=0 --b2=0.999
+flags.DEFINE_float("swiftkv_cutoff", 0.5, "swiftkv: fraction of the base's layers every prompt token runs (k = "
+                   "f * L rounded; theirs: 0.5 for Llama-3.1, 0.75 for Qwen2.5).")
+flags.DEFINE_float("swiftkv_temperature", 2.0, "swiftkv: temperature of the logits distillation (times T^2).")
+flags.DEFINE_float("swiftkv_hidden_weight", 1.0, "swiftkv: weight of the MSE on the last decoder layer's input.")
 # optimisation
 flags.DEFINE_float("lr", 1.2e-3, "Peak learning rate.")
 flags.DEFINE_float("min_lr_ratio", 0.1, "Cosine decays to lr * this.")
 flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps.")
+flags.DEFINE_float("b2", 0.95, "AdamW beta2.")
 flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
 flags.DEFINE_float("clip", 1.0, "Global gradient-norm clip.")
 # infrastructure
@@ -101,7 +107,7 @@ def run():
   from kvp_jax.kvp import aux_models, losses  # after flag parsing: keeps --help fast
   from kvp_jax.training import loop, sharding, stages
   mesh = sharding.make_mesh(F.mesh_data, F.mesh_model)
-  optim = loop.OptimConfig(lr=F.lr, min_lr_ratio=F.min_lr_ratio, warmup_steps=F.warmup_steps,
+  optim = loop.OptimConfig(lr=F.lr, min_lr_ratio=F.min_lr_ratio, warmup_steps=F.warmup_steps, b2=F.b2,
                            weight_decay=F.weight_decay, clip=F.clip)
   data = stages.DataConfig(source=F.data, num_qa_docs=F.num_qa_docs, qa_num_facts=_ints(F.qa_num_facts),
                            max_code_files=F.max_code_files, qa_questions_per_doc=F.qa_questions_per_doc,
@@ -121,6 +127,10 @@ def run():
       keep = aux_models.lp_keep_layers(n, F.lp_keep_fraction)
     _, rows = stages.pretrain(model=_json_flag("model"), init_checkpoint=F.init_checkpoint, lp_keep=keep,
                               tokenizer=F.tokenizer, z_loss=F.z_loss, **common)
+  elif F.stage == "swiftkv":
+    from kvp_jax.baselines import swiftkv
+    loss = swiftkv.SwiftKVLossConfig(temperature=F.swiftkv_temperature, hidden_weight=F.swiftkv_hidden_weight)
+    _, rows = stages.swiftkv(base_checkpoint=F.base_checkpoint, cutoff=F.swiftkv_cutoff, loss=loss, **common)
   else:
     aux = aux_models.AuxSpec(kind=F.aux, lp_keep_fraction=F.lp_keep_fraction or 0.5,
                              lp_keep_layers=_ints(F.lp_keep_layers), checkpoint=F.aux_checkpoint,
@@ -142,7 +152,8 @@ def main(argv):
   from kvp_jax.models.hf_checkpoint import CheckpointError
 
   # orbax logs every step of every save at INFO; keep the log to our progress lines.
-  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
+  logging.get_absl_handler().addFilter(
+      lambda r: "orbax" not in r.pathname and not ("xla_bridge" in r.pathname and r.levelno < 30))  # jax's backend probe
   try:
     run()
   except (ValueError, CheckpointError, FileNotFoundError) as e:

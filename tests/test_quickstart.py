@@ -28,7 +28,8 @@ def test_smoke_preset_end_to_end_then_reuses_every_stage(tmp_path):
   rows = report["results"]
   assert {(r["method"], r.get("aux")) for r in rows} == {
       ("base", None), ("aux_only", "c"), ("lp_alone", "lp0.50"), ("kvp", "c"), ("kvp", "lp0.50"),
-      ("kvp_recompute", "lp0.50"), ("lazyllm", None), ("random_prune", None), ("static_prune", None)}
+      ("kvp_recompute", "lp0.50"), ("lazyllm", None), ("random_prune", None), ("static_prune", None),
+      ("swiftkv", None), ("specprefill", "c"), ("gemfilter", None)}
   base = next(r for r in rows if r["method"] == "base")
   assert "aux" not in base
   for r in rows:
@@ -47,7 +48,7 @@ def test_smoke_preset_end_to_end_then_reuses_every_stage(tmp_path):
   assert (tmp_path / "eval.flags").exists()
 
   again = _quickstart(tmp_path)
-  assert again.count("reused") == 6, again  # five training stages and the evaluation
+  assert again.count("reused") == 7, again  # six training stages (SwiftKV's among them) and the evaluation
 
 
 def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
@@ -64,6 +65,8 @@ def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
   assert ablations <= set(names)
   assert "kvp:lp0.50@/w/kvp_lp0.50_kv_reduce-sum;kv_reduce=sum" in specs
   assert "aux_only:c@/w/aux_c" in specs and specs[0] == "base"
+  # SwiftKV at their Llama cutoff (0.5) and at 0.25, trained as KV Prediction is, evaluated from its workdir
+  assert {"swiftkv_0.50", "swiftkv_0.25"} <= set(names) and "swiftkv@/w/swiftkv_0.50" in specs
 
 
 def test_smollm2_path_end_to_end_on_a_tiny_chat_model_then_reuses_every_stage(tmp_path):
@@ -76,7 +79,8 @@ def test_smollm2_path_end_to_end_on_a_tiny_chat_model_then_reuses_every_stage(tm
   rows = {r["label"]: r for r in report["results"]}
   assert {"base", "lp_alone[lp0.50]", "kvp[lp0.50](train_steps=0)", "kvp[lp0.50]"} <= set(rows)
   assert {r["method"] for r in rows.values()} == {"base", "lp_alone", "kvp", "kvp_recompute", "lazyllm",
-                                                  "random_prune", "static_prune"}
+                                                  "random_prune", "static_prune", "swiftkv", "specprefill",
+                                                  "gemfilter"}
   for r in rows.values():
     assert set(r["metrics"]) == set(r["stderr"]) == set(r["n"]) == set(report["tasks"])
     assert r["n"]["qa_easy_em"] == 4 and r["n"]["first_token_kl"] == 4 + 4 + 4
@@ -96,7 +100,7 @@ def test_smollm2_path_end_to_end_on_a_tiny_chat_model_then_reuses_every_stage(tm
   assert "--qa_levels=easy,2hop" in flags and "--fidelity=True" in flags
 
   again = _quickstart(wd, f"--base={base}", preset="smollm2-smoke")
-  assert again.count("reused") == 4, again  # LP alone, the fit, KVP training, and the evaluation
+  assert again.count("reused") == 5, again  # LP alone, the fit, KVP training, SwiftKV, and the evaluation
 
 
 def test_smollm2_plan_fits_then_trains_each_aux_and_ablations_share_the_fit():
@@ -114,6 +118,8 @@ def test_smollm2_plan_fits_then_trains_each_aux_and_ablations_share_the_fit():
   assert needs["kvp_lp0.50_kv_reduce-sum"] == ["kvp_lp0.50_lstsq"]  # training-only ablations share the main fit
   assert needs["kvp_lp0.50_predictor-activation"] == ["kvp_lp0.50_predictor-activation_lstsq"]
   assert specs[0] == "base" and not any(s.startswith("aux_only") for s in specs)
+  assert needs["swiftkv_0.50"] == [] and "swiftkv@/w/swiftkv_0.50" in specs  # SwiftKV trains from the frozen base
+  assert "specprefill:lp0.25@/w/lp_alone_lp0.25;keep=0.3" in specs  # its draft is the LP-alone model
 
 
 def test_real_base_flags_fail_in_one_line(tmp_path):

@@ -44,6 +44,9 @@ class Method:
   peak_mem_bytes: int | None = None
   extra: dict = dataclasses.field(default_factory=dict)
   settings: dict | None = None  # recomputation / pruning configuration; None for the original methods
+  # A method whose decode differs from the base's (SwiftKV): its compiled step (tokens [B, 1], state) ->
+  # (logits, state), timed for TPOT from the state its prefill returns.
+  decode: Callable | None = None
 
   @property
   def key(self) -> str:
@@ -60,6 +63,10 @@ def settings_label(method: str, settings: dict | None) -> str:
     return f"{settings['num_intervals']}x{settings['interval_size']}"
   if method == "lazyllm":
     return str(settings["schedule"])
+  if method == "swiftkv":
+    return f"cutoff={settings['cutoff']:g}"
+  if method == "gemfilter":
+    return f"topk={settings['topk']},layer={settings['layer']}"
   if "keep" in settings:
     return f"keep={settings['keep']:g}"
   return ",".join(f"{k}={v}" for k, v in settings.items())
@@ -188,21 +195,71 @@ def static_prune_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts
       dict(pm.settings), cfg, params, tokens, starts, max_len, keep=keep, probe_fraction=probe_fraction)
 
 
-def tpot(cfg: ModelConfig, params: P.Params, caches: dict[str, Any], steps: int, warmup: int = 1):
-  """Seconds per `decoder.decode_step` from each named cache (same shapes, so one compiled step), interleaved.
+def swiftkv_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, cutoff: float) -> Method:
+  """TTFT of SwiftKV (`swiftkv.swiftkv_prefill`) with projections initialised from the base (training changes
+  their values, not the time), and its own decode step for TPOT."""
+  from kvp_jax.baselines import swiftkv
+  skv = swiftkv.init_from_base(cfg, params, swiftkv.cutoff_layers(cfg.num_layers, cutoff))
+  sm = swiftkv.swiftkv_method(cfg, params, skv)
+  k = swiftkv.cutoff(cfg, skv)
+  c, cs = aot_compile(swiftkv.swiftkv_prefill, cfg, params, skv, tokens, starts, max_len=max_len)
+  B, T = tokens.shape
+  f, f0 = B * swiftkv.swiftkv_flops(cfg, k, T), B * swiftkv.swiftkv_flops(cfg, k, T, attention=False)
+  tok = jnp.zeros((B, 1), jnp.int32)
+  step, step_cs = aot_compile(swiftkv.swiftkv_step, cfg, params, skv, tok, jax.eval_shape(
+      lambda: swiftkv.swiftkv_prefill(cfg, params, skv, tokens, starts, max_len=max_len)[1]))
+  extra = {**_speedup_extra(cfg, B, T, f, f0), "decode_compile_s": step_cs}
+  return Method("swiftkv", None, lambda: c(params, skv, tokens, starts), cs, f, f0, xla_peak_bytes(c), extra,
+                dict(sm.settings), decode=lambda tokens_B1, state: step(params, skv, tokens_B1, state))
+
+
+def specprefill_bench_method(cfg: ModelConfig, params: P.Params, draft_name: str, draft_cfg: ModelConfig,
+                             draft: P.Params, tokens, starts, max_len: int, keep: float) -> Method:
+  """TTFT of SpecPrefill (`specprefill.specprefill_prefill`): the draft's prefill and look-ahead, the scores, the
+  base's prefill of the kept chunks."""
+  from kvp_jax.baselines import specprefill
+  sm = specprefill.specprefill_method(cfg, params, draft_cfg, draft, keep, draft_name)
+  c, cs = aot_compile(specprefill.specprefill_prefill, cfg, params, draft_cfg, draft, tokens, starts, max_len=max_len,
+                      keep=keep)
+  B, T = tokens.shape
+  f = B * specprefill.specprefill_flops(cfg, draft_cfg, T, keep)
+  f0 = B * specprefill.specprefill_flops(cfg, draft_cfg, T, keep, attention=False)
+  return Method("specprefill", draft_name, lambda: c(params, draft, tokens, starts), cs, f, f0, xla_peak_bytes(c),
+                _speedup_extra(cfg, B, T, f, f0), dict(sm.settings))
+
+
+def gemfilter_bench_method(cfg: ModelConfig, params: P.Params, tokens, starts, max_len: int, topk: int,
+                           layer: int | None = None) -> Method:
+  """TTFT of GemFilter (`gemfilter.gemfilter_prefill`): pass 1 to the selection layer, pass 2 on topk tokens."""
+  from kvp_jax.baselines import gemfilter
+  gm = gemfilter.gemfilter_method(cfg, params, topk, layer)
+  layer = gm.settings["layer"]
+  return _base_pruned_method(
+      "gemfilter", gemfilter.gemfilter_prefill,
+      lambda T, attention: gemfilter.gemfilter_flops(cfg, T, topk, layer, attention=attention),
+      dict(gm.settings), cfg, params, tokens, starts, max_len, topk=topk, layer=layer)
+
+
+def tpot(cfg: ModelConfig, params: P.Params, caches: dict[str, Any], steps: int, warmup: int = 1,
+         own_steps: dict[str, tuple[Callable, Any]] | None = None):
+  """Seconds per `decoder.decode_step` from each named cache (same shapes, so one compiled step), interleaved
+  with `own_steps` (name -> (compiled step, initial state)) of methods whose decode is their own.
 
   Each cache is advanced by its own chain of steps; the caches must have room for warmup + steps tokens.
-  Returns ({name: [seconds]}, compile_s).
+  Returns ({name: [seconds]}, compile_s of the base's step).
   """
   first = next(iter(caches.values()))
   tok = jnp.zeros((first.batch, 1), jnp.int32)
   step, cs = aot_compile(decoder.decode_step, cfg, params, tok, first)
   state = {k: jax.tree.map(jnp.copy, c) for k, c in caches.items()}  # the step donates its cache
+  steppers = {k: lambda t, c: step(params, t, c) for k in caches}
+  for k, (fn, s0) in (own_steps or {}).items():
+    state[k], steppers[k] = jax.tree.map(jnp.copy, s0), fn
 
   def advance(k):
     def call():
-      _, state[k] = step(params, tok, state[k])
-      return state[k].k
+      _, state[k] = steppers[k](tok, state[k])
+      return jax.tree.leaves(state[k])[0]
     return call
 
-  return time_interleaved({k: advance(k) for k in caches}, steps, warmup), cs
+  return time_interleaved({k: advance(k) for k in state}, steps, warmup), cs

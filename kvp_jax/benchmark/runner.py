@@ -7,9 +7,11 @@ that load from other processes hits every figure alike. Reported: median, min an
 
 Methods: `base` (the base's prefill), per pairing `aux_only` and `kvp`, `hf_torch`; and, when the spec asks,
 `kvp_recompute` (KV Prediction + selective recomputation, recompute.py) for one pairing at a few budgets
-(num_intervals x interval_size), `lazyllm`, `random_prune` and `static_prune` (baselines/pruning.py) on the base. Those
-rows carry `settings` (the method's configuration), the FLOP-ideal and measured speed-ups over the base, and
-(kvp_recompute) TPOT of the base from the recomputed cache.
+(num_intervals x interval_size), `lazyllm`, `random_prune` and `static_prune` (baselines/pruning.py) on the base,
+and the rivals `swiftkv` (per cutoff, with TPOT of its own decode step), `specprefill` (per keep fraction, a
+pairing's aux as the draft) and `gemfilter` (per topk). Those rows carry `settings` (the method's configuration),
+the FLOP-ideal and measured speed-ups over the base, and (kvp_recompute) TPOT of the base from the recomputed
+cache.
 
 Timing and memory figures: timing.py; the methods: methods.py; peers: peers.py; figures, table, plot: report.py.
 Shape legend: see kvp_jax/models/config.py.
@@ -57,6 +59,12 @@ class BenchSpec:
   lazyllm_schedule: tuple = ()  # ((layer, keep fraction), ...); empty: no lazyllm row
   prune_keep: tuple = ()  # keep fractions: one random_prune and one static_prune row each
   static_probe_fraction: float = 0.25
+  # Rivals (baselines/; none by default).
+  swiftkv_cutoffs: tuple = ()  # fractions of the base's layers every prompt token runs: one swiftkv row each
+  specprefill_keep: tuple = ()  # kept chunk fractions: one specprefill row each
+  specprefill_draft: str | None = None  # the pairing whose aux drafts; None: the "c" pairing (else the first)
+  gemfilter_topk: tuple = ()  # tokens kept: one gemfilter row each
+  gemfilter_layer: int | None = None  # selection layer; None: their Llama-3.1-8B setting scaled
 
 
 def recompute_pairing(spec: BenchSpec) -> Pairing | None:
@@ -69,6 +77,19 @@ def recompute_pairing(spec: BenchSpec) -> Pairing | None:
         return p
     raise ValueError(f"recompute pairing {spec.recompute_pairing!r} not among {[p.name for p in spec.pairings]}")
   return next((p for p in spec.pairings if p.name.startswith("lp")), spec.pairings[0])
+
+
+def draft_pairing(spec: BenchSpec) -> Pairing | None:
+  """The pairing whose aux model is SpecPrefill's draft (None when there are no keep fractions or pairings)."""
+  if not spec.specprefill_keep or not spec.pairings:
+    return None
+  name = spec.specprefill_draft or "c"
+  for p in spec.pairings:
+    if p.name == name:
+      return p
+  if spec.specprefill_draft:
+    raise ValueError(f"specprefill draft pairing {name!r} not among {[p.name for p in spec.pairings]}")
+  return spec.pairings[0]
 
 
 def _tokens(cfg: ModelConfig, B: int, T: int, seed: int):
@@ -137,6 +158,15 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
     methods.append(bm.random_prune_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, keep, spec.seed))
     methods.append(bm.static_prune_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, keep,
                                                 spec.static_probe_fraction))
+  for c in spec.swiftkv_cutoffs:
+    methods.append(bm.swiftkv_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, c))
+  dp = draft_pairing(spec)
+  for keep in spec.specprefill_keep if dp is not None else ():
+    methods.append(bm.specprefill_bench_method(spec.base_cfg, spec.base, dp.name, dp.kcfg.aux, dp.kp.aux, tokens,
+                                               starts, max_len, keep))
+  for topk in spec.gemfilter_topk:
+    methods.append(bm.gemfilter_bench_method(spec.base_cfg, spec.base, tokens, starts, max_len, topk,
+                                             spec.gemfilter_layer))
   if hf_dir is not None:
     methods.append(peers.torch_prefill_method(hf_dir, np.asarray(tokens), spec.base_cfg))
   keys = [m.key for m in methods]
@@ -156,7 +186,9 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
   caches = {"base:None": outs["base:None"][1]}
   caches.update({f"kvp:{p.name}": outs[f"kvp:{p.name}"][1] for p in spec.pairings})
   caches.update({k: outs[k][1] for k, m in zip(keys, methods) if m.method == "kvp_recompute"})
-  tp, tp_cs = bm.tpot(spec.base_cfg, spec.base, caches, spec.tpot_steps, spec.warmup)
+  # SwiftKV decodes with its own step (later layers read SwiftKV K/V): timed in the same rounds.
+  own = {k: (m.decode, outs[k][1]) for k, m in zip(keys, methods) if m.decode is not None}
+  tp, tp_cs = bm.tpot(spec.base_cfg, spec.base, caches, spec.tpot_steps, spec.warmup, own)
   rows = []
   base_med = float(np.median(times["base:None"]))
   for k, m in zip(keys, methods):
@@ -170,8 +202,9 @@ def _run_group(spec: BenchSpec, B: int, T: int, hf_dir, mm_call, mm_flops, mm_ti
     if k in tp:
       row["tpot_s_median"] = float(np.median(tp[k]))
       row["tpot_s_min"] = float(np.min(tp[k]))
-      row["tpot_compile_s"] = tp_cs
-      row["tpot_from"] = {"base": "own cache", "kvp_recompute": "recomputed cache"}.get(m.method, "predicted cache")
+      row["tpot_compile_s"] = m.extra.get("decode_compile_s", tp_cs)
+      row["tpot_from"] = {"base": "own cache", "kvp_recompute": "recomputed cache",
+                          "swiftkv": "own cache and own step"}.get(m.method, "predicted cache")
       # Step i from this cache ran in the same round as step i from the base's own cache, so the per-step
       # ratio cancels most of the machine's drift; its median is the comparison the issue asks for.
       row["tpot_over_own_paired_median"] = float(np.median(np.asarray(tp[k]) / np.asarray(tp["base:None"])))

@@ -56,12 +56,21 @@ class Models:
   def __init__(self, base_checkpoint: str):
     self.base_path = str(base_checkpoint)
     self.base = checkpoints.load_model(base_checkpoint)
-    self._models, self._kvps = {}, {}
+    self._models, self._kvps, self._swiftkvs = {}, {}, {}
 
   def model(self, path: str):
     if path not in self._models:
       self._models[path] = checkpoints.load_model(path)
     return self._models[path]
+
+  def swiftkv(self, path: str):
+    if path not in self._swiftkvs:
+      from kvp_jax.baselines import swiftkv
+      cfg, base, skv = swiftkv.load_swiftkv(path, base_params=self.base[1])
+      if cfg != self.base[0]:
+        raise ValueError(f"{path} was trained against another base than {self.base_path}")
+      self._swiftkvs[path] = (cfg, base, skv)
+    return self._swiftkvs[path]
 
   def kvp(self, path: str):
     if path not in self._kvps:
@@ -102,6 +111,39 @@ def _recompute(spec: MethodSpec, models: Models) -> ttft.Method:
   return recompute.recompute_method(*models.kvp(_needs_path(spec)), aux=spec.aux, **_settings(spec))
 
 
+def _swiftkv(spec: MethodSpec, models: Models) -> ttft.Method:
+  """`swiftkv@WORKDIR` (trained by --stage=swiftkv), or `swiftkv;cutoff=F` untrained (initialised from the base)."""
+  from kvp_jax.baselines import swiftkv
+  kw = _settings(spec)
+  if spec.path:
+    if "cutoff" in kw:
+      raise ValueError(f"method spec {spec}: a trained SwiftKV's cutoff is its workdir's; drop cutoff=")
+    return _described(swiftkv.swiftkv_method(*models.swiftkv(spec.path)), spec)
+  if "cutoff" not in kw:
+    raise ValueError(f"method spec {spec}: write swiftkv@WORKDIR (trained) or swiftkv;cutoff=F (untrained)")
+  cfg, base = models.base
+  m = swiftkv.swiftkv_method(cfg, base, swiftkv.init_from_base(cfg, base, swiftkv.cutoff_layers(
+      cfg.num_layers, float(kw.pop("cutoff")))))
+  return dataclasses.replace(m, settings={**m.settings, "trained": False, **kw})
+
+
+def _specprefill(spec: MethodSpec, models: Models) -> ttft.Method:
+  """`specprefill:DRAFT@DRAFT_CHECKPOINT;keep=P[;keep_last=false;look_ahead=8;chunk=32;pool_kernel=13]`."""
+  from kvp_jax.baselines import specprefill
+  if not spec.aux or "keep" not in dict(spec.settings):
+    raise ValueError(f"method spec {spec}: write specprefill:DRAFT_NAME@DRAFT_CHECKPOINT;keep=P")
+  return specprefill.specprefill_method(*models.base, *models.model(_needs_path(spec)), draft_name=spec.aux,
+                                        **_settings(spec))
+
+
+def _gemfilter(spec: MethodSpec, models: Models) -> ttft.Method:
+  """`gemfilter;topk=K[;layer=R;pool_kernel=5]` (layer defaults to their Llama setting, scaled)."""
+  from kvp_jax.baselines import gemfilter
+  if "topk" not in dict(spec.settings):
+    raise ValueError(f"method spec {spec}: write gemfilter;topk=K (tokens kept)")
+  return gemfilter.gemfilter_method(*models.base, **_settings(spec))
+
+
 def _described(m: ttft.Method, spec: MethodSpec) -> ttft.Method:
   return dataclasses.replace(m, settings={**m.settings, **dict(spec.settings)})
 
@@ -117,6 +159,10 @@ BUILDERS: dict[str, Callable[[MethodSpec, Models], ttft.Method]] = {
     "lazyllm": _lazyllm,
     "random_prune": _pruned("random_prune_method"),
     "static_prune": _pruned("static_prune_method"),
+    # Rivals (baselines/): "swiftkv@DIR", "specprefill:c@DIR;keep=0.3", "gemfilter;topk=128".
+    "swiftkv": _swiftkv,
+    "specprefill": _specprefill,
+    "gemfilter": _gemfilter,
 }
 
 

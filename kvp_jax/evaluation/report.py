@@ -5,7 +5,8 @@ settings (if any), ttft_flops / ttft_flops_paper (at the mean length of all prom
 ttft_flops_paper_by_task (keyed by task: qa, qa_2hop, code, ..., and "all"), metrics (metric -> value),
 stderr (metric -> its standard error), n (metric -> examples), per_example (metric -> per-example scores;
 for a ratio metric the numerators, with per_example_den the denominators), eval_s, spec; `gap_recovered`
-(aux -> metric -> share of the aux-to-base gap, null where there is no gap); `equal_flops`; `kv_error`
+(aux -> metric -> share of the aux-to-base gap, null where there is no gap); `equal_flops`; `rivals` (each
+rival row against KV Prediction at no more FLOPs and at the nearest FLOPs); `kv_error`
 (kvp label -> per-layer K and V L1 error); `prompt_len_mean`; `config`; `env`.
 """
 
@@ -19,6 +20,8 @@ from kvp_jax.models import checkpoints
 
 # Rows compared against the base to get "the aux-to-base gap": the aux model alone, else the pruned model alone.
 BASELINE_METHODS = ("aux_only", "lp_alone")
+# Other ways to cut TTFT (kvp_jax/baselines/), each set side by side with KV Prediction at its FLOPs.
+RIVAL_METHODS = ("swiftkv", "specprefill", "gemfilter")
 
 
 def gap_recovered(results: list[dict]) -> dict[str, dict[str, float | None]]:
@@ -83,6 +86,29 @@ def equal_flops(results: list[dict]) -> list[dict]:
   return out
 
 
+def rivals(results: list[dict]) -> list[dict]:
+  """For every rival row and metric: its value and TTFT FLOPs, the best KV Prediction row spending no more FLOPs,
+  and the KV Prediction row nearest in FLOPs (ratio of FLOPs, rival / kvp)."""
+  kvps = [r for r in results if r["method"] == "kvp"]
+  out = []
+  for r in results:
+    if r["method"] not in RIVAL_METHODS:
+      continue
+    for t, v in r["metrics"].items():
+      task = TASK_OF_METRIC[t]
+      f = r["ttft_flops_by_task"][task]
+      cheaper = [k for k in kvps if k["ttft_flops_by_task"][task] <= f]
+      best = max(cheaper, key=lambda k: k["metrics"][t], default=None)
+      near = min(kvps, key=lambda k: abs(k["ttft_flops_by_task"][task] / f - 1), default=None)
+      out.append({"label": r["label"], "method": r["method"], "metric": t, "value": v, "ttft_flops": f,
+                  "best_kvp_at_most_flops": None if best is None else best["metrics"][t],
+                  "best_kvp_label": None if best is None else best["label"],
+                  "nearest_kvp": None if near is None else near["metrics"][t],
+                  "nearest_kvp_label": None if near is None else near["label"],
+                  "nearest_kvp_flops_ratio": None if near is None else f / near["ttft_flops_by_task"][task]})
+  return out
+
+
 def write_report(report: dict, out_dir: Path):
   checkpoints.write_json(out_dir / "report.json", report)
   (out_dir / "report.md").write_text(markdown(report) + "\n")
@@ -140,6 +166,16 @@ def markdown(report: dict) -> str:
       extra = (f" {_fmt_se(e.get('diff_vs_aux_alone'), e.get('diff_se'))} | {_fmt(e.get('gap_recovered'))} |"
                if paired else "")
       lines.append(f"| {e['label']} | {e['metric']} | {_fmt_se(e['kvp'], e.get('kvp_se'))} | {alone} |{extra} {best} |")
+  riv = report.get("rivals", [])
+  if riv:
+    lines += ["", "Rivals against KV Prediction: the best kvp row spending no more TTFT FLOPs (ours), and the kvp row "
+              "nearest in FLOPs (rival FLOPs / its FLOPs).", "",
+              "| rival | metric | rival | best kvp at <= FLOPs | nearest kvp (FLOPs ratio) |", "|---|---|---|---|---|"]
+    for e in riv:
+      best = "-" if e["best_kvp_label"] is None else f"{_fmt(e['best_kvp_at_most_flops'])} ({e['best_kvp_label']})"
+      near = "-" if e["nearest_kvp_label"] is None else (
+          f"{_fmt(e['nearest_kvp'])} ({e['nearest_kvp_label']}, {e['nearest_kvp_flops_ratio']:.2f}x)")
+      lines.append(f"| {e['label']} | {e['metric']} | {_fmt(e['value'])} | {best} | {near} |")
   gap = report.get("gap_recovered", {})
   if gap:
     lines += ["", "Share of the aux-to-base gap KV Prediction recovers, (kvp - aux alone) / (base - aux alone):", "",

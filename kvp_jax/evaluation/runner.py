@@ -22,7 +22,7 @@ import numpy as np
 from kvp_jax.data import tokenizer as tok_lib
 from kvp_jax.evaluation import plots
 from kvp_jax.evaluation.registry import BUILDERS, MethodSpec, Models, spec_label
-from kvp_jax.evaluation.report import equal_flops, gap_recovered, write_report
+from kvp_jax.evaluation.report import equal_flops, gap_recovered, rivals, write_report
 from kvp_jax.evaluation.scoring import score_method
 from kvp_jax.evaluation.tasks import METRICS, TASK_OF_METRIC, EvalConfig, Task, make_tasks, newline_counts
 from kvp_jax.kvp import inference
@@ -101,6 +101,7 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
       "results": results,
       "gap_recovered": gap_recovered(results),
       "equal_flops": equal_flops(results),
+      "rivals": rivals(results),
       "kv_error": kv_errors(models, kvp_specs, qa, pad_id, ec.kv_error_examples) if kvp_specs else {},
       "prompt_len_mean": mean_len,
       "prompt_len_mean_all": overall,

@@ -23,6 +23,7 @@ from kvp_jax.models.config import ModelConfig
 
 MODEL_CONFIG = "model_config.json"
 KVP_CONFIG = "kvp_config.json"
+SWIFTKV_CONFIG = "swiftkv_config.json"
 
 
 class Checkpointer:
@@ -91,4 +92,6 @@ def load_model(path, dtype=None) -> tuple[ModelConfig, P.Params]:
     return cfg, P.cast(params, dtype)
   if (p / KVP_CONFIG).exists():
     raise hf_checkpoint.CheckpointError(f"{p} is a kvp workdir; load it with kvp_jax.load_kvp")
+  if (p / SWIFTKV_CONFIG).exists():
+    raise hf_checkpoint.CheckpointError(f"{p} is a swiftkv workdir; load it with baselines.swiftkv.load_swiftkv")
   return pretrained.load_pretrained(path, dtype)

@@ -1,8 +1,9 @@
-"""The two training stages as library functions with plain arguments (flags live in kvp_jax/train.py).
+"""The training stages as library functions with plain arguments (flags live in kvp_jax/train.py).
 
 - `pretrain`: language-model training of any decoder (a small base, a KVP-C aux, or a layer-pruned copy of a
   checkpoint fine-tuned alone, the paper's baseline).
 - `kvp`: KV Prediction against a frozen base: the aux model and the predictor train, the base never does.
+- `swiftkv`: SwiftKV's self-distillation from a frozen base: only its new norm and q/k/v projections train.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from kvp_jax.baselines import swiftkv as swiftkv_lib
 from kvp_jax.data import pipeline
 from kvp_jax.data import tokenizer as tok_lib
 from kvp_jax.kvp import aux_models, inference, losses, predictor
@@ -221,3 +223,35 @@ def fit_lstsq(kcfg, base, aux_params, data: DataConfig, texts, tok, num_tokens: 
                min(summary["r2_v"]), max(summary["r2_v"]))
   checkpoints.write_json(Path(workdir) / "lstsq.json", summary)
   return pred
+
+
+def swiftkv(*, workdir, base_checkpoint: str, cutoff: float, loss: swiftkv_lib.SwiftKVLossConfig, data: DataConfig,
+            steps: int, optim: loop.OptimConfig, mesh, save_every: int, log_every: int, seed: int = 0,
+            fail_at_step: int | None = None):
+  """SwiftKV's self-distillation (baselines/swiftkv.py): the new norm and q/k/v projections of layers >= k train,
+  initialised from the base's own; the base is the frozen teacher. `seed` only orders the data."""
+  workdir = Path(workdir)
+  if not base_checkpoint:
+    raise ValueError("--stage=swiftkv needs --base_checkpoint (a pretrain workdir or a Hugging Face directory)")
+  base_cfg, base = checkpoints.load_model(base_checkpoint)
+  k = swiftkv_lib.cutoff_layers(base_cfg.num_layers, cutoff)
+  if k == base_cfg.num_layers:
+    raise ValueError(f"--swiftkv_cutoff={cutoff} keeps all {k} layers for every prompt token: SwiftKV would have "
+                     "nothing to train; use a cutoff below 1 (theirs: 0.5 for Llama-3.1, 0.75 for Qwen2.5)")
+  workdir.mkdir(parents=True, exist_ok=True)
+  tok = get_tokenizer(str(base_checkpoint), workdir, None)  # the base's own (a chat corpus needs it first)
+  texts = texts_for(data, tok)
+  _check_vocab(base_cfg, tok, "the base")
+  checkpoints.write_json(workdir / checkpoints.SWIFTKV_CONFIG, {
+      "base": base_cfg.to_dict(), "base_checkpoint": str(Path(base_checkpoint).absolute()) if Path(
+          base_checkpoint).exists() else base_checkpoint,
+      "cutoff": cutoff, "cutoff_layers": k, "loss": dataclasses.asdict(loss)})
+  skv0 = swiftkv_lib.init_from_base(base_cfg, base, k)  # copies: training never aliases the base
+  base_f = jax.tree.map(jnp.asarray, base)  # frozen: closed over, no grads, no optimizer state
+  loss_fn = lambda t, batch: swiftkv_lib.swiftkv_loss(base_cfg, loss, t, base_f, batch)
+  logging.info("SwiftKV: %d of %d layers run every prompt token; %.2fM new parameters train", k,
+               base_cfg.num_layers, P.count(skv0) / 1e6)
+  return loop.train(workdir=workdir, loss_fn=loss_fn, init_trainable=lambda: skv0,
+                    logical_axes=swiftkv_lib.logical_axes(skv0), data_iter=_data_iter(data, texts, tok), steps=steps,
+                    optim=optim, mesh=mesh, tokens_per_step=data.seq_len * data.batch_size, save_every=save_every,
+                    log_every=log_every, fail_at_step=fail_at_step)

@@ -95,15 +95,21 @@ def test_bench_smoke_writes_valid_json(tmp_path):
     assert k in res["env"], k
   rows = [r for r in res["rows"] if r["method"] != "matmul"]
   methods = {r["method"] for r in rows}
-  assert {"base", "aux_only", "kvp", "kvp_recompute", "lazyllm", "random_prune", "static_prune"} <= methods
+  assert {"base", "aux_only", "kvp", "kvp_recompute", "lazyllm", "random_prune", "static_prune", "swiftkv",
+          "specprefill", "gemfilter"} <= methods
   rec = [r for r in rows if r["method"] == "kvp_recompute"]
   assert sorted((r["settings"]["num_intervals"], r["settings"]["interval_size"]) for r in rec) == [(1, 4), (2, 4)]
   assert {r["aux"] for r in rec} == {"lp0.5"}  # the first LP pairing
   settings = {r["method"]: r["settings"] for r in rows if r["method"] in ("lazyllm", "random_prune", "static_prune")}
   assert settings["lazyllm"]["schedule"] == "1:0.7,2:0.5"
   assert settings["random_prune"]["keep"] == settings["static_prune"]["keep"] == 0.5
+  rivals = {r["method"]: r for r in rows if r["method"] in ("swiftkv", "specprefill", "gemfilter")}
+  assert rivals["swiftkv"]["settings"]["cutoff"] == 0.5 and rivals["swiftkv"]["tpot_from"] == "own cache and own step"
+  assert rivals["specprefill"]["aux"] == "c" and rivals["specprefill"]["settings"]["keep"] == 0.5
+  assert rivals["gemfilter"]["settings"] == {"topk": 12, "layer": 1}
   for r in rows:
-    if r["method"] in ("kvp_recompute", "lazyllm", "random_prune", "static_prune"):
+    if r["method"] in ("kvp_recompute", "lazyllm", "random_prune", "static_prune", "swiftkv", "specprefill",
+                       "gemfilter"):
       assert r["measured_speedup"] > 0 and r["ideal_speedup"] > 0 and r["flops_no_attn"] > 0
       assert r["compile_s"] > 0
   try:
@@ -119,8 +125,8 @@ def test_bench_smoke_writes_valid_json(tmp_path):
     assert r["flops"] > 0
     if r["method"] in ("aux_only", "kvp", "kvp_recompute"):
       assert r["aux"] in ("lp0.5", "c")
-    if r["method"] in ("base", "kvp", "kvp_recompute"):
-      assert r["tpot_s_median"] > 0
+    if r["method"] in ("base", "kvp", "kvp_recompute", "swiftkv"):
+      assert r["tpot_s_median"] > 0 and r["tpot_over_own_paired_median"] > 0
     if r["method"] == "kvp":
       assert r["tpot_over_own_paired_median"] > 0
   assert {(r["prompt_len"], r["batch"]) for r in rows} == {(24, 2)}

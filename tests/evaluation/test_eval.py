@@ -166,6 +166,8 @@ def test_method_spec_parses_and_round_trips():
   assert dict(s.settings) == {"kv_reduce": "sum", "num_intervals": 2}
   assert MethodSpec.parse(str(s)) == s
   assert MethodSpec.parse("base") == MethodSpec("base")
+  s = MethodSpec.parse("specprefill:c@/runs/q/aux_c;keep=0.3;keep_last=false")
+  assert (s.aux, s.path, dict(s.settings)) == ("c", "/runs/q/aux_c", {"keep": 0.3, "keep_last": False})
   assert dict(MethodSpec.parse("lazyllm;schedule=1:0.7,2:0.5").settings) == {"schedule": "1:0.7,2:0.5"}
   with pytest.raises(ValueError, match="unknown method"):
     MethodSpec.parse("nope:c@x")
@@ -189,9 +191,11 @@ def _row(method, aux, flops, values, settings=None):
 def synthetic_report():
   results = [_row("base", None, 100.0, (0.8, 0.5)), _row("aux_only", "c", 30.0, (0.2, 0.5)),
              _row("lp_alone", "lp0.50", 50.0, (0.4, 0.3)), _row("kvp", "c", 35.0, (0.5, 0.4)),
-             _row("kvp", "lp0.50", 55.0, (0.4, 0.45)), _row("kvp", "lp0.50", 55.0, (0.3, 0.1), {"kv_reduce": "sum"})]
+             _row("kvp", "lp0.50", 55.0, (0.4, 0.45)), _row("kvp", "lp0.50", 55.0, (0.3, 0.1), {"kv_reduce": "sum"}),
+             _row("swiftkv", None, 60.0, (0.6, 0.35), {"cutoff": 0.5})]
   return {"tasks": ["qa_em", "code_line_em"], "results": results, "gap_recovered": eval_report.gap_recovered(results),
-          "equal_flops": eval_report.equal_flops(results), "prompt_len_mean_all": 100.0,
+          "equal_flops": eval_report.equal_flops(results), "rivals": eval_report.rivals(results),
+          "prompt_len_mean_all": 100.0,
           "kv_error": {"kvp[c]": {"k": [0.1, 0.2, 0.2], "v": [0.1, 0.3, 0.5]}}}
 
 
@@ -214,10 +218,20 @@ def test_equal_flops_compares_with_the_best_cheaper_baseline():
   assert (e["best_baseline_at_most_flops"], e["best_baseline_label"]) == (0.4, "lp_alone[lp0.50]")
 
 
+def test_rivals_face_the_best_kvp_at_no_more_flops_and_the_nearest():
+  riv = {(e["label"], e["metric"]): e for e in synthetic_report()["rivals"]}
+  assert set(riv) == {("swiftkv(cutoff=0.5)", "qa_em"), ("swiftkv(cutoff=0.5)", "code_line_em")}
+  e = riv[("swiftkv(cutoff=0.5)", "qa_em")]
+  assert (e["value"], e["best_kvp_at_most_flops"], e["best_kvp_label"]) == (0.6, 0.5, "kvp[c]")
+  assert (e["nearest_kvp"], e["nearest_kvp_label"]) == (0.4, "kvp[lp0.50]")
+  assert e["nearest_kvp_flops_ratio"] == pytest.approx(60 / 55)
+
+
 def test_markdown_and_plots_are_written(tmp_path):
   report = synthetic_report()
   md = eval_report.markdown(report)
   assert "| kvp | lp0.50 | kv_reduce=sum |" in md and "gap" in md and "0.500" in md
+  assert "| swiftkv(cutoff=0.5) | qa_em | 0.600 | 0.500 (kvp[c]) | 0.400 (kvp[lp0.50], 1.09x) |" in md
   for path in (plots.pareto(report, tmp_path / "pareto.png", eval_tasks.TASK_OF_METRIC),
                plots.kv_error(report, tmp_path / "kv_error.png")):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
