@@ -38,7 +38,6 @@ _EXPORTS = {
     "predicted_and_true_cache": ("kvp_jax.kvp.inference", "predicted_and_true_cache"),
     "layer_errors": ("kvp_jax.kvp.inference", "layer_errors"),
     "kvp_flops": ("kvp_jax.kvp.flops", "kvp_flops"),
-    "fit_predictor": ("kvp_jax.kvp.lstsq", "fit"),
     # training (the library behind `python -m kvp_jax.train`)
     "train_kvp": ("kvp_jax.training.stages", "kvp"),
     "DataConfig": ("kvp_jax.training.stages", "DataConfig"),

