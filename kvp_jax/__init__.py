@@ -14,10 +14,14 @@ import importlib
 # public name -> (module, attribute)
 _EXPORTS = {
     "load_pretrained": ("kvp_jax.models.pretrained", "load_pretrained"),
+    "load_smollm2": ("kvp_jax.models.zoo", "load_smollm2"),
+    "smollm2_dir": ("kvp_jax.models.zoo", "smollm2_dir"),
     "convert_gguf": ("kvp_jax.models.pretrained", "convert_gguf"),
     "save_pretrained": ("kvp_jax.models.hf_checkpoint", "save_pretrained"),
     "CheckpointError": ("kvp_jax.models.hf_checkpoint", "CheckpointError"),
     "logits": ("kvp_jax.models.decoder", "logits"),
+    "prefill": ("kvp_jax.models.decoder", "prefill"),
+    "prefill_flops": ("kvp_jax.models.flops", "prefill_flops"),
     "generate": ("kvp_jax.models.generation", "generate"),
     "decode_from": ("kvp_jax.models.generation", "decode_from"),
     "ModelConfig": ("kvp_jax.models.config", "ModelConfig"),
@@ -31,6 +35,24 @@ _EXPORTS = {
     "predict_cache": ("kvp_jax.kvp.inference", "predict_cache"),
     "kvp_prefill": ("kvp_jax.kvp.inference", "kvp_prefill"),
     "kvp_generate": ("kvp_jax.kvp.inference", "generate"),
+    "predicted_and_true_cache": ("kvp_jax.kvp.inference", "predicted_and_true_cache"),
+    "layer_errors": ("kvp_jax.kvp.inference", "layer_errors"),
+    "kvp_flops": ("kvp_jax.kvp.flops", "kvp_flops"),
+    # training (the library behind `python -m kvp_jax.train`)
+    "train_kvp": ("kvp_jax.training.stages", "kvp"),
+    "DataConfig": ("kvp_jax.training.stages", "DataConfig"),
+    "OptimConfig": ("kvp_jax.training.loop", "OptimConfig"),
+    "KVPLossConfig": ("kvp_jax.kvp.losses", "KVPLossConfig"),
+    "make_mesh": ("kvp_jax.training.sharding", "make_mesh"),
+    # evaluation (behind `python -m kvp_jax.eval`)
+    "evaluate": ("kvp_jax.evaluation.runner", "evaluate"),
+    "EvalConfig": ("kvp_jax.evaluation.tasks", "EvalConfig"),
+    "MethodSpec": ("kvp_jax.evaluation.registry", "MethodSpec"),
+    "report_markdown": ("kvp_jax.evaluation.report", "markdown"),
+    # timing (behind `python -m kvp_jax.bench`)
+    "aot_compile": ("kvp_jax.benchmark.timing", "aot_compile"),
+    "time_interleaved": ("kvp_jax.benchmark.timing", "time_interleaved"),
+    "matmul_call": ("kvp_jax.benchmark.timing", "matmul_call"),
 }
 
 __all__ = sorted(_EXPORTS)

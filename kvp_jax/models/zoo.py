@@ -34,13 +34,23 @@ def smollm2() -> Path:
   raise CheckpointError(f"{SMOLLM2_DIST} {dist.version} holds no {SMOLLM2_FILE}; run `{SMOLLM2_INSTALL}`")
 
 
+def smollm2_dir(cache_dir=None) -> Path:
+  """The Hugging Face directory of SmolLM2-135M-Instruct (float32 safetensors, tokenizer with its chat template),
+  converted from the bundled GGUF on first use under `cache_dir` (default `pretrained.default_cache_dir()`).
+
+  What transformers' `from_pretrained` and kvp_jax's checkpoint arguments (`load_model`, the train and eval
+  CLIs' --base_checkpoint) read.
+  """
+  return pretrained.cached_conversion(smollm2(), cache_dir)
+
+
 def load_smollm2(cache_dir=None, dtype=jnp.float32):
   """(cfg, params, tokenizer) of SmolLM2-135M-Instruct.
 
-  The first call converts the GGUF to a float32 Hugging Face directory under `cache_dir` (default
-  `pretrained.default_cache_dir()`); later calls read its safetensors, which is several times faster.
+  The first call converts the GGUF to a float32 Hugging Face directory under `cache_dir` (`smollm2_dir`);
+  later calls read its safetensors, which is several times faster.
   """
   from transformers import AutoTokenizer
-  d = pretrained.cached_conversion(smollm2(), cache_dir)
+  d = smollm2_dir(cache_dir)
   cfg, params = hf_checkpoint.load_pretrained(d, dtype)
   return cfg, params, AutoTokenizer.from_pretrained(str(d))
