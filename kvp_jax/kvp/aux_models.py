@@ -74,14 +74,23 @@ def check_layer_map(layer_map, num_base_layers: int, num_aux_layers: int) -> tup
 
 
 def check_compatible(base_cfg: ModelConfig, aux_cfg: ModelConfig, base_tokenizer=None, aux_tokenizer=None):
-  """Base and aux must share a vocabulary: the aux reads the same prompt ids the base will continue."""
-  if base_cfg.vocab_size != aux_cfg.vocab_size:
-    raise ValueError(f"vocab mismatch: base has {base_cfg.vocab_size} tokens, aux {aux_cfg.vocab_size}; "
-                     "KV Prediction needs an aux model with the base's tokenizer")
+  """Base and aux must share a vocabulary: the aux reads the same prompt ids the base will continue.
+
+  Their embedding tables may differ in length only when both tokenizers are given, map tokens to the same ids,
+  and fit both tables: checkpoints pad the table to a multiple of their own (Qwen2.5-0.5B keeps 151936 rows,
+  Qwen2.5-7B 152064, for one 151665-token tokenizer), and the rows past the tokenizer are never read."""
+  same_tok = None
   if base_tokenizer is not None and aux_tokenizer is not None:
-    if base_tokenizer.get_vocab() != aux_tokenizer.get_vocab():
+    same_tok = base_tokenizer.get_vocab() == aux_tokenizer.get_vocab()
+    if not same_tok:
       raise ValueError("tokenizer mismatch: base and aux tokenizers map tokens to different ids; "
                        "use an aux model trained with the base's tokenizer")
+  if base_cfg.vocab_size != aux_cfg.vocab_size:
+    n = len(base_tokenizer) if same_tok else None
+    if n is None or n > min(base_cfg.vocab_size, aux_cfg.vocab_size):
+      raise ValueError(f"vocab mismatch: base has {base_cfg.vocab_size} tokens, aux {aux_cfg.vocab_size}; "
+                       "KV Prediction needs an aux model with the base's tokenizer (embedding tables of other "
+                       "lengths pass only when both tokenizers are found, agree and fit both)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +102,13 @@ class AuxSpec:
   model: dict | None = None  # for "c" from scratch: ModelConfig fields
 
 
-def build_aux(spec: AuxSpec, base_cfg: ModelConfig, base: Params, seed: int = 0, aux_model=None):
+def build_aux(spec: AuxSpec, base_cfg: ModelConfig, base: Params, seed: int = 0, aux_model=None,
+              tokenizers=(None, None)):
   """(aux_cfg, aux_params, default layer map).
 
   aux_model: the (cfg, params) of a KVP-C aux read from `spec.checkpoint` by the caller (the checkpoint code
   lives below this module: kvp_jax.models.checkpoints.load_model), or None to build one from `spec.model`.
+  tokenizers: (base's, aux's), when known: `check_compatible` then also compares them.
   """
   if spec.kind == "lp":
     keep = spec.lp_keep_layers or lp_keep_layers(base_cfg.num_layers, spec.lp_keep_fraction)
@@ -114,5 +125,5 @@ def build_aux(spec: AuxSpec, base_cfg: ModelConfig, base: Params, seed: int = 0,
     aux = init_params(aux_cfg, jax.random.PRNGKey(seed + 1))
   else:
     raise ValueError("--aux=c needs --aux_checkpoint or --aux_model")
-  check_compatible(base_cfg, aux_cfg)
+  check_compatible(base_cfg, aux_cfg, *tokenizers)
   return aux_cfg, aux, c_layer_map(base_cfg.num_layers, aux_cfg.num_layers)

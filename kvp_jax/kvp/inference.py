@@ -37,14 +37,15 @@ class KVPParams:
 
 
 def build(base_cfg, base: Params, aux_spec=None, *, kind: str = "kv", init: str = "identity",
-          layer_map=None, seed: int = 0) -> tuple[KVPConfig, KVPParams]:
-  """An untrained aux model + predictor for a base: aux_spec is an aux_models.AuxSpec (default KVP-LP 0.5)."""
+          layer_map=None, seed: int = 0, tokenizers=(None, None)) -> tuple[KVPConfig, KVPParams]:
+  """An untrained aux model + predictor for a base: aux_spec is an aux_models.AuxSpec (default KVP-LP 0.5).
+  tokenizers: (base's, aux's), when known; a KVP-C aux is then checked against the base's tokenizer too."""
   aux_spec = aux_spec or aux_models.AuxSpec()
   aux_model = None
   if aux_spec.kind == "c" and aux_spec.checkpoint:
     from kvp_jax.models import checkpoints  # orbax/grain only when a checkpoint is read
     aux_model = checkpoints.load_model(aux_spec.checkpoint)
-  aux_cfg, aux, default_map = aux_models.build_aux(aux_spec, base_cfg, base, seed, aux_model)
+  aux_cfg, aux, default_map = aux_models.build_aux(aux_spec, base_cfg, base, seed, aux_model, tokenizers)
   lm = aux_models.check_layer_map(layer_map or default_map, base_cfg.num_layers, aux_cfg.num_layers)
   kcfg = KVPConfig(base=base_cfg, aux=aux_cfg, kind=kind, layer_map=lm)
   return kcfg, KVPParams(aux, predictor.init(kcfg, jax.random.PRNGKey(seed + 2), how=init))

@@ -193,9 +193,9 @@ def plan_kvp(base_cfg: ModelConfig, aux_cfg: ModelConfig | None, aux_spec: aux_m
   else:
     default_map = aux_models.c_layer_map(base_cfg.num_layers, aux_cfg.num_layers)
     if aux_cfg.vocab_size != base_cfg.vocab_size:
-      notes.append(f"vocab sizes differ (base {base_cfg.vocab_size}, aux {aux_cfg.vocab_size}): `train` refuses "
-                   "this pair in aux_models.check_compatible; planned with the base's vocabulary for the aux")
-      aux_cfg = aux_cfg.replace(vocab_size=base_cfg.vocab_size)
+      notes.append(f"embedding tables differ (base {base_cfg.vocab_size} rows, aux {aux_cfg.vocab_size}): `train` "
+                   "accepts the pair only if both checkpoints carry the same tokenizer and it fits both tables "
+                   "(aux_models.check_compatible)")
   lm = aux_models.check_layer_map(layer_map or default_map, base_cfg.num_layers, aux_cfg.num_layers)
   kcfg = KVPConfig(base=base_cfg, aux=aux_cfg, kind=kind, layer_map=lm)
   frozen_dtype = step_lib.DTYPES[compute.frozen_dtype]

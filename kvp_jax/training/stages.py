@@ -227,9 +227,10 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
   # The frozen base is read straight into its shards (it is what does not fit one device).
   base_shardings = lambda c: sharding.param_shardings(P.abstract(c), P.logical_axes(c), mesh)
   base_cfg, base = checkpoints.load_model(base_checkpoint, frozen_dtype, shardings_for=base_shardings)
+  tokenizers = _tokenizers(base_checkpoint, aux)
   kcfg, kp0 = inference.build(base_cfg, base, aux, kind=predictor_kind,
                               init="identity" if predictor_init == "lstsq" else predictor_init, layer_map=layer_map,
-                              seed=seed)
+                              seed=seed, tokenizers=tokenizers)
   if init_from:
     from kvp_jax.kvp import checkpoints as kvp_checkpoints
     kcfg_from, _, kp0 = kvp_checkpoints.load_kvp(init_from, base_params=base)
@@ -238,14 +239,6 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
                        f"kind {kcfg_from.kind}) than this run ({kcfg.aux.num_layers}, {kcfg.kind})")
   # The trained parts keep float32 master weights (a KVP-LP aux copies the base as stored: exact from bfloat16).
   aux_cfg, aux_params, pred0 = kcfg.aux, P.cast(kp0.aux, jnp.float32), P.cast(kp0.pred, jnp.float32)
-  if aux.kind == "c" and aux.checkpoint:
-    try:
-      aux_models.check_compatible(base_cfg, aux_cfg, tok_lib.load_tokenizer(checkpoints.tokenizer_dir(base_checkpoint)),
-                                  tok_lib.load_tokenizer(checkpoints.tokenizer_dir(aux.checkpoint)))
-    except ValueError as e:
-      if "mismatch" in str(e):
-        raise
-      logging.warning("could not compare tokenizers (%s); vocab sizes match", e)
   tok = get_tokenizer(str(base_checkpoint), None, None)  # the base's own (a chat corpus needs it first)
   texts = texts_for(data, tok)
   _check_vocab(base_cfg, tok, "the base")
@@ -287,6 +280,19 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
       run_info={"steps": steps, "optim": dataclasses.asdict(optim), "loss": dataclasses.asdict(loss),
                 "base_checkpoint": meta["base_checkpoint"], "compute": dataclasses.asdict(compute)})
   return trainable, rows
+
+
+def _tokenizers(base_checkpoint: str, aux: aux_models.AuxSpec):
+  """(base's, aux's) tokenizer of a KVP-C aux read from a checkpoint, for aux_models.check_compatible; (None,
+  None) for another aux or when either cannot be read (then the two embedding tables must have one length)."""
+  if aux.kind != "c" or not aux.checkpoint:
+    return None, None
+  try:
+    return (tok_lib.load_tokenizer(checkpoints.tokenizer_dir(base_checkpoint)),
+            tok_lib.load_tokenizer(checkpoints.tokenizer_dir(aux.checkpoint)))
+  except (OSError, ValueError) as e:
+    logging.warning("could not read both tokenizers (%s): base and aux vocab sizes must then match", e)
+    return None, None
 
 
 def fit_lstsq(kcfg, base, aux_params, data: DataConfig, texts, tok, num_tokens: int, ridge: float, workdir: Path):

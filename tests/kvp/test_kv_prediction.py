@@ -33,9 +33,30 @@ def test_kvp_lp_keep_rules_and_map():
     aux_models.lp_layer_map(8, (2, 4))
 
 
+class _Tok:
+  def __init__(self, n, shift=0):
+    self.vocab = {f"t{i}": i + shift for i in range(n)}
+
+  def get_vocab(self):
+    return self.vocab
+
+  def __len__(self):
+    return len(self.vocab)
+
+
 def test_vocab_mismatch_is_a_clear_error():
+  base, aux = tiny_config(vocab_size=320), tiny_config(vocab_size=300)
   with pytest.raises(ValueError, match="vocab mismatch"):
-    aux_models.check_compatible(tiny_config(), tiny_config(vocab_size=300))
+    aux_models.check_compatible(base, aux)  # tables of other lengths, no tokenizers to show they agree
+  with pytest.raises(ValueError, match="tokenizer mismatch"):
+    aux_models.check_compatible(base, base, _Tok(290), _Tok(290, shift=1))
+  with pytest.raises(ValueError, match="vocab mismatch"):
+    aux_models.check_compatible(base, aux, _Tok(310), _Tok(310))  # the tokenizer overflows the aux's table
+
+
+def test_padded_embedding_tables_pass_with_one_tokenizer():
+  # Qwen2.5-0.5B (151936 rows) as the aux of Qwen2.5-7B (152064 rows): one 151665-token tokenizer fits both.
+  aux_models.check_compatible(tiny_config(vocab_size=320), tiny_config(vocab_size=300), _Tok(290), _Tok(290))
 
 
 def test_unknown_predictor_kind():
