@@ -129,7 +129,8 @@ def test_analytic_flops_match_xla_cost_analysis(aux):
 def test_bench_smoke_writes_valid_json(tmp_path):
   out = tmp_path / "bench.json"
   cmd = [sys.executable, "-m", "kvp_jax.bench", f"--flagfile={ROOT / 'configs/bench_smoke.flags'}", f"--output={out}"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  # The timeout guards against a hang, not speed: the run took 287 s on a loaded 2-core machine.
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["matmul_peak_flops_per_s"] > 0
