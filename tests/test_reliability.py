@@ -217,7 +217,7 @@ def _writable_again(path: Path):
 class Row:
   id: str
   category: str  # flags | paths | corrupt | mismatch | runtime
-  main: str | None  # cli rows: train / eval / bench / quickstart / demo; None for an api row
+  main: str | None  # cli rows: train / eval / bench / quickstart / demo / plan; None for an api row
   given: tuple[str, ...] | Callable[[Fx], object]  # flags ({base}, {kvp}, {swiftkv}, {bad}, {corpus}, {out}) or a call
   expect: str | tuple[str, ...]  # in the one-line message (every one of them)
   env: tuple[tuple[str, str], ...] = ()
@@ -373,6 +373,8 @@ ROWS = [
         "flag --preset=nope: value should be one of"),
     Row("demo: temperature 0", "flags", "demo", ("--sample", "--temperature=0"),
         "flag --temperature=0.0: must be a finite number > 0"),
+    Row("plan: mesh of an unknown axis", "flags", "plan", TRAIN_KVP + ("--mesh=fsdp:2,tensor:2",),
+        "flag --mesh=fsdp:2,tensor:2: each entry is AXIS:SIZE"),
     # --- paths
     Row("workdir is a file", "paths", "train", TRAIN_KVP + ("--workdir={bad}/a_file",), "is a file; pass a directory"),
     Row("read-only workdir", "paths", "train", TRAIN_KVP + ("--workdir={readonly}/run",), "cannot write to --workdir"),
@@ -502,7 +504,8 @@ API_ROWS = [r for r in ROWS if not r.main]
 # category, `-m slow` the rest (`-m ""` all). The api rows are in-process and all run by default.
 FAST_CLI = {"unknown flag", "swiftkv: cutoff 1 (nothing to train)", "eval: SpecPrefill keep fraction 0",
             "bench: GemFilter layer outside the base", "quickstart: unknown preset", "demo: temperature 0",
-            "kvp workdir passed as the base", "read-only workdir", "mesh the devices cannot form"}
+            "kvp workdir passed as the base", "read-only workdir", "mesh the devices cannot form",
+            "plan: mesh of an unknown axis"}
 
 
 def test_the_matrix_has_at_least_30_rows_in_every_category():
