@@ -58,7 +58,8 @@ def main(argv):
         kc.aux, kp.aux, t, pos, compute_logits=False, **predictor.collect_flags(kc.kind)).kv)
     pred = jax.jit(lambda kp, t, kc=kc, pos=pos: inference.predict_layers(kc, kp, t, pos))
     cache = jax.jit(lambda kp, t, kc=kc: inference.predict_cache(kc, base, kp, t, starts, max_len))
-    full = jax.jit(lambda kp, t, kc=kc: inference.kvp_prefill(kc, base, kp, t, starts, max_len))
+    # kvp_prefill is jitted itself, with its own compiler options (which a surrounding jit may not carry).
+    full = lambda kp, t, kc=kc: inference.kvp_prefill(kc, base, kp, t, starts, max_len)
     calls[f"{pr.name}: aux"] = lambda f=aux, kp=kp: f(kp, prompt)
     calls[f"{pr.name}: aux+predictor"] = lambda f=pred, kp=kp: f(kp, prompt)
     calls[f"{pr.name}: aux+predictor+cache"] = lambda f=cache, kp=kp: f(kp, prompt)
