@@ -29,8 +29,9 @@ flags.DEFINE_string("data", "embedded", "'embedded' (stdlib code + synthetic QA)
 flags.DEFINE_integer("num_qa_docs", 2000, "Synthetic QA documents in the embedded corpus.")
 flags.DEFINE_list("qa_num_facts", ["16", "136"], "Min,max facts per synthetic QA document (~15 tokens each).")
 flags.DEFINE_integer("qa_questions_per_doc", 1, "Question/answer pairs after each synthetic QA context.")
-flags.DEFINE_enum("qa_distractors", "shared", ["shared", "distinct"], "Synthetic QA difficulty: distractors "
-                  "sharing the asked attribute and name parts (shared), or every entity named once (distinct).")
+flags.DEFINE_enum("qa_distractors", "shared", ["shared", "distinct", "mixed"], "Synthetic QA difficulty: "
+                  "distractors sharing the asked attribute and name parts (shared), or every entity named once "
+                  "(distinct); mixed alternates the two by document (--qa_format=chat, as the smollm2 preset trains).")
 flags.DEFINE_enum("qa_answer_style", "bare", ["bare", "sentence"], "Synthetic QA answers: the bare value, or "
                   "a sentence restating the needed fact(s) before it.")
 flags.DEFINE_bool("qa_recap", False, "Restate a QA document's facts before its questions (dense copy signal).")

@@ -58,6 +58,9 @@ def texts_for(dc: DataConfig, tok=None) -> list[str]:
   """The training documents; qa_format="chat" renders the synthetic QA with `tok`'s chat template."""
   if dc.qa_format not in QA_FORMATS:
     raise ValueError(f"qa_format must be one of {QA_FORMATS}, got {dc.qa_format!r}")
+  if dc.qa_distractors == "mixed" and dc.qa_format != "chat":
+    raise ValueError("--qa_distractors=mixed alternates the levels of chat-format documents; pass "
+                     "--qa_format=chat, or shared / distinct")
   if dc.source != EMBEDDED:
     return pipeline.load_texts(dc.source)
   if dc.qa_format == "plain":
