@@ -1,4 +1,5 @@
-"""launch/probe_recall.py and launch/profile_kvp.py run, and the probe's batches score what they claim to."""
+"""launch/probe_recall.py, profile_kvp.py and profile_decode.py run, and the probe's batches score what they
+claim to."""
 
 import importlib.util
 import subprocess
@@ -51,4 +52,13 @@ def test_profile_kvp_runs():
   assert proc.returncode == 0, proc.stderr[-2000:]
   for piece in ("lp0.25: aux ", "lp0.25: kvp_prefill", "c: aux+predictor+cache", "base: last-token step",
                 "read bandwidth", "of the read bandwidth)"):
+    assert piece in proc.stdout
+
+
+def test_profile_decode_runs():
+  """launch/profile_decode.py (the benchmark's 125M base, a short cache, one round) splits each step."""
+  proc = subprocess.run([sys.executable, str(ROOT / "launch" / "profile_decode.py"), "--prompt_len=16", "--runs=1",
+                         "--batches=1,8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for piece in ("matmul peak", "B=1: step", "B=8: step", "matmuls alone", "rest of the step"):
     assert piece in proc.stdout
