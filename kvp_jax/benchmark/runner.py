@@ -34,13 +34,13 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvp_jax import partial_results
 from kvp_jax.benchmark import methods as bm
 from kvp_jax.benchmark import peers, timing
 from kvp_jax.benchmark.methods import Pairing
@@ -104,26 +104,11 @@ def _done_groups(spec: BenchSpec) -> dict[tuple[int, int], dict]:
   """(B, T) -> {"rows", "mm_times", "rb_times"} of the groups an interrupted run with this spec finished."""
   if spec.partial is None:
     return {}
-  path, fp = Path(spec.partial), _fingerprint(spec)
-  groups, header = {}, None
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a line torn by the interruption
-      if header is None:
-        header = obj.get("fingerprint")
-      elif "group" in obj:
-        groups[tuple(obj["group"])] = obj
-    if header == fp:
-      if groups:
-        spec.log(f"resuming: {len(groups)} (B, T) groups already timed in {path} (by the interrupted run)")
-      return groups
-    spec.log(f"{path} is from a benchmark with another spec: starting over")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"fingerprint": fp}) + "\n")
-  return {}
+  key = lambda o: tuple(o["group"]) if "group" in o else None
+  groups = partial_results.load(spec.partial, _fingerprint(spec), key, "a benchmark with another spec", spec.log)
+  if groups:
+    spec.log(f"resuming: {len(groups)} (B, T) groups already timed in {spec.partial} (by the interrupted run)")
+  return groups
 
 
 @dataclasses.dataclass
@@ -222,10 +207,9 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         n_mm, n_rb = len(roof.mm_times), len(roof.rb_times)
         group = _run_group(spec, B, T, torch_peer, peer_status["llama_cpp"] is None, roof)
         rows += group
-        if spec.partial is not None:  # one write per group: an interruption loses at most the group running
-          with open(spec.partial, "a") as f:
-            f.write(json.dumps({"group": [B, T], "rows": group, "mm_times": roof.mm_times[n_mm:],
-                                "rb_times": roof.rb_times[n_rb:]}) + "\n")
+        if spec.partial is not None:
+          partial_results.append(spec.partial, {"group": [B, T], "rows": group, "mm_times": roof.mm_times[n_mm:],
+                                                "rb_times": roof.rb_times[n_rb:]})
   try:
     env["loadavg_end"] = list(os.getloadavg())
   except OSError:

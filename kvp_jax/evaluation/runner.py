@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvp_jax import partial_results
 from kvp_jax.data import tokenizer as tok_lib
 from kvp_jax.evaluation import plots
 from kvp_jax.evaluation.registry import BUILDERS, MethodSpec, Models, spec_label
@@ -59,26 +60,6 @@ def _stamp(path) -> list:
   files = sorted(f for f in where.rglob("*") if f.is_file()) if steps else (
       sorted(p.glob("*.safetensors")) + sorted(p.glob("*.json")) if p.is_dir() else [])
   return [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def _done_rows(partial: Path, fingerprint: dict, log) -> dict[str, dict]:
-  """spec -> row from a previous, interrupted run with the same fingerprint; {} (and a fresh file) otherwise."""
-  rows, header = {}, None
-  if partial.exists():
-    for line in partial.read_text().splitlines():
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a line torn by the interruption
-      if header is None:
-        header = obj.get("fingerprint")
-      elif "spec" in obj:
-        rows[obj["spec"]] = obj
-    if header == fingerprint:
-      return rows
-    log(f"{partial} is from an evaluation with other settings or checkpoints: starting over")
-  partial.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
-  return {}
 
 
 def _build(spec: MethodSpec, models: Models):
@@ -119,7 +100,8 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
       "eval": ec.to_dict(), "base_checkpoint": str(base_checkpoint), "tokenizer": str(tokenizer),
       "checkpoints": {str(p): _stamp(p) for p in {str(base_checkpoint), *(s.path for s in specs if s.path)}},
       **(extra_config or {})}))
-  done = _done_rows(partial, fingerprint, log)
+  done = partial_results.load(partial, fingerprint, lambda o: o.get("spec"),
+                              "an evaluation with other settings or checkpoints", log)
   if done:
     log(f"resuming: {sum(str(s) in done for s in specs)} of {len(specs)} methods already scored in {partial}")
   # The base first: its first-token distributions are the reference of every other row's fidelity.
@@ -158,8 +140,7 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
     if m.settings:
       row["settings"] = m.settings
     results[i] = row
-    with partial.open("a") as f:  # one write per row: an interruption loses at most the row being scored
-      f.write(json.dumps(row) + "\n")
+    partial_results.append(partial, row)
     n_done = todo.index(i) + 1
     eta = (time.time() - t_begin) / n_done * (len(todo) - n_done)
     log(f"  [{k + 1}/{len(specs)}] {m.label}: " + " ".join(f"{k_} {v:.3f}" for k_, v in metrics.items())
