@@ -1,8 +1,12 @@
 """Shared test helpers."""
 
+import json
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 
+from kvp_jax.data import qa_synthetic
 from kvp_jax.models import params as params_lib
 from kvp_jax.models.config import ModelConfig
 
@@ -67,4 +71,12 @@ def tiny_chat_model_dir(path, num_layers: int = 4, seed: int = 0):
                     eos_token_id=(2,), tie_word_embeddings=True)
   hf_checkpoint.save_pretrained(cfg, random_params(cfg, seed), path)
   tok.save_pretrained(str(path))
+  return path
+
+
+def qa_corpus(path, num_docs: int, num_facts_range=(4, 8)) -> Path:
+  """A JSON-lines file of synthetic QA training documents (seed 0), for `--data=path`; returns the path."""
+  path = Path(path)
+  docs = qa_synthetic.training_documents(num_docs, seed=0, num_facts_range=num_facts_range)
+  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
   return path

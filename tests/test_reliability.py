@@ -35,7 +35,6 @@ import pytest
 
 import kvp_jax
 from kvp_jax.baselines import swiftkv
-from kvp_jax.data import qa_synthetic
 from kvp_jax.data import tokenizer as tok_lib
 from kvp_jax.kvp import aux_models, inference, losses
 from kvp_jax.kvp.checkpoints import load_kvp
@@ -43,6 +42,8 @@ from kvp_jax.models import checkpoints, hf_checkpoint
 from kvp_jax.models import params as P
 from kvp_jax.models.config import ModelConfig
 from kvp_jax.training import loop, sharding, stages
+
+from helpers import qa_corpus
 
 HOOKS = str(Path(__file__).with_name("crash_hooks.py"))
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
@@ -89,9 +90,7 @@ def _random_hf(path: Path, vocab: int, tokenizer=None, **over) -> Path:
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory) -> Fx:
   root = tmp_path_factory.mktemp("reliability")
-  corpus = root / "docs.jsonl"
-  docs = qa_synthetic.training_documents(40, seed=0, num_facts_range=(4, 6))
-  corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+  corpus = qa_corpus(root / "docs.jsonl", 40, (4, 6))
   mesh = sharding.make_mesh(1, 1)
   common = dict(data=_data(corpus), steps=2, optim=OPTIM, mesh=mesh, save_every=2, log_every=1)
   stages.pretrain(workdir=root / "base", model=TINY, init_checkpoint=None, lp_keep=None, tokenizer="train:300",

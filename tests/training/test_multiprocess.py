@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvp_jax.data import qa_synthetic
 from kvp_jax.kvp import aux_models, losses
 from kvp_jax.training import loop, sharding, stages
+
+from helpers import qa_corpus
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 8, "max_position_embeddings": 256}
@@ -24,9 +25,7 @@ STEPS, LR = 4, 3e-3
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   d = tmp_path_factory.mktemp("mp")
-  with open(d / "docs.jsonl", "w") as f:
-    for t in qa_synthetic.training_documents(80, seed=0, num_facts_range=(4, 8)):
-      f.write(json.dumps({"text": t}) + "\n")
+  qa_corpus(d / "docs.jsonl", 80)
   stages.pretrain(workdir=d / "base", model=TINY, init_checkpoint=None, lp_keep=None, tokenizer="train:300",
                   data=stages.DataConfig(source=str(d / "docs.jsonl"), seq_len=32, batch_size=4), steps=2,
                   optim=loop.OptimConfig(lr=LR, warmup_steps=1), z_loss=1e-4, mesh=sharding.make_mesh(1, 1),

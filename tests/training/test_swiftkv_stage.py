@@ -1,7 +1,6 @@
 """SwiftKV's training stage: the distillation loss falls on held-out text, only SwiftKV's parameters change
 (the base is untouched), a run cut short resumes to the same result, and the workdir loads back for inference."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ from kvp_jax.data.tokenizer import load_tokenizer
 from kvp_jax.models import checkpoints
 from kvp_jax.training import loop, sharding, stages
 
+from helpers import qa_corpus
+
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 8, "max_position_embeddings": 256}
 OPTIM = loop.OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0, b2=0.999)
@@ -26,11 +27,7 @@ STEPS = 16
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  d = tmp_path_factory.mktemp("corpus")
-  with open(d / "docs.jsonl", "w") as f:
-    for t in qa_synthetic.training_documents(60, seed=0, num_facts_range=(4, 8)):
-      f.write(json.dumps({"text": t}) + "\n")
-  return str(d / "docs.jsonl")
+  return str(qa_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", 60))
 
 
 def _data(corpus, seed=0):

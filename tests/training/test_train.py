@@ -20,6 +20,8 @@ from kvp_jax.kvp import checkpoints as kvp_checkpoints
 from kvp_jax.models import checkpoints
 from kvp_jax.training import loop, sharding, stages
 
+from helpers import qa_corpus
+
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 8, "max_position_embeddings": 256}
 OPTIM = loop.OptimConfig(lr=3e-3, warmup_steps=2)
@@ -27,12 +29,7 @@ OPTIM = loop.OptimConfig(lr=3e-3, warmup_steps=2)
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  d = tmp_path_factory.mktemp("corpus")
-  docs = qa_synthetic.training_documents(80, seed=0, num_facts_range=(4, 8))
-  with open(d / "docs.jsonl", "w") as f:
-    for t in docs:
-      f.write(json.dumps({"text": t}) + "\n")
-  return str(d / "docs.jsonl")
+  return str(qa_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", 80))
 
 
 def _data(corpus, seed=0):
