@@ -23,8 +23,8 @@ def load(path: Path, fingerprint: dict, key: Callable[[dict], object | None], wh
         continue  # a line torn by the interruption
       if header is None:
         header = obj.get("fingerprint")
-      elif key(obj) is not None:
-        units[key(obj)] = obj
+      elif (k := key(obj)) is not None:
+        units[k] = obj
     if header == fingerprint:
       return units
     log(f"{path} is from {what}: starting over")

@@ -242,7 +242,8 @@ def kvp(*, workdir, base_checkpoint: str, aux: aux_models.AuxSpec, predictor_kin
                        f"kind {kcfg_from.kind}) than this run ({kcfg.aux.num_layers}, {kcfg.kind})")
   # The trained parts keep float32 master weights (a KVP-LP aux copies the base as stored: exact from bfloat16).
   aux_cfg, aux_params, pred0 = kcfg.aux, P.cast(kp0.aux, jnp.float32), P.cast(kp0.pred, jnp.float32)
-  tok = get_tokenizer(str(base_checkpoint), None, None)  # the base's own (a chat corpus needs it first)
+  # The base's own tokenizer (a chat corpus needs it first), read once: _tokenizers may have read it already.
+  tok = tokenizers[0] if tokenizers[0] is not None else get_tokenizer(str(base_checkpoint), None, None)
   texts = texts_for(data, tok)
   _check_vocab(base_cfg, tok, "the base")
   data_iter = _data_iter(data, texts, tok, mesh)
