@@ -56,9 +56,11 @@ def test_profile_kvp_runs():
 
 
 def test_profile_decode_runs():
-  """launch/profile_decode.py (the benchmark's 125M base, a short cache, one round) splits each step."""
+  """launch/profile_decode.py (the benchmark's 125M base, a short cache, one round) splits each step, and
+  with --parts its attention into the score and value products."""
   proc = subprocess.run([sys.executable, str(ROOT / "launch" / "profile_decode.py"), "--prompt_len=16", "--runs=1",
-                         "--batches=1,8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         "--batches=1,8", "--parts"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  for piece in ("matmul peak", "B=1: step", "B=8: step", "matmuls alone", "rest of the step"):
+  for piece in ("matmul peak", "B=1: step", "B=8: step", "matmuls alone", "rest of the step", "attention adds",
+                "scores and softmax alone", "products alone", "XLA dots", "YNNPACK dots"):
     assert piece in proc.stdout
