@@ -810,20 +810,51 @@ def test_an_interrupted_evaluation_resumes_from_the_rows_it_wrote(fx, tmp_path, 
   with pytest.raises(KeyboardInterrupt):
     runner.evaluate(str(fx.base), specs, ec, tmp_path / "a", log=lambda s: None)
   monkeypatch.setattr(runner, "score_method", score)
-  assert len((tmp_path / "a" / runner.PARTIAL).read_text().splitlines()) == 2  # the header and one row
+  assert len((tmp_path / "a" / runner.SCORED).read_text().splitlines()) == 2  # the header and one row
   logs = []
   resumed = runner.evaluate(str(fx.base), specs, ec, tmp_path / "a", log=logs.append)
   assert any("resuming: 1 of 2 methods already scored" in l for l in logs), logs
-  assert not (tmp_path / "a" / runner.PARTIAL).exists()
   straight = runner.evaluate(str(fx.base), specs, ec, tmp_path / "b", log=lambda s: None)
   # with fidelity, the reused base row's first-token distributions were recomputed as the reference
   assert [r["metrics"] for r in resumed["results"]] == [r["metrics"] for r in straight["results"]]
   assert ("first_token_kl" in resumed["results"][1]["metrics"]) == fidelity
+  # the rows are kept: a rerun that adds a method scores only that one
+  calls.clear()
+  monkeypatch.setattr(runner, "score_method", lambda *a, **k: calls.append(1) or score(*a, **k))
+  logs.clear()
+  added = runner.evaluate(str(fx.base), specs + [MethodSpec.parse("static_prune;keep=0.5")], ec, tmp_path / "a",
+                          log=logs.append)
+  assert any("resuming: 2 of 3 methods already scored" in l for l in logs), logs
+  assert len(calls) == (2 if fidelity else 1)  # with fidelity the base's distributions are recomputed, not its row
+  assert [r["metrics"] for r in added["results"][:2]] == [r["metrics"] for r in straight["results"]]
+  monkeypatch.setattr(runner, "score_method", score)
   # rows of other settings are not reused
-  (tmp_path / "a" / runner.PARTIAL).write_text(json.dumps({"fingerprint": {"eval": "other"}}) + "\n")
+  (tmp_path / "a" / runner.SCORED).write_text(json.dumps({"fingerprint": {"eval": "other"}}) + "\n")
   logs.clear()
   runner.evaluate(str(fx.base), specs[:1], ec, tmp_path / "a", log=logs.append)
   assert any("starting over" in l for l in logs), logs
+
+
+def test_an_evaluation_rescores_a_method_whose_checkpoint_changed(fx, tmp_path):
+  """A row scored before its checkpoint was retrained is not reused."""
+  from kvp_jax.evaluation import runner
+  from kvp_jax.evaluation.registry import MethodSpec
+  from kvp_jax.evaluation.tasks import EvalConfig
+  ec = EvalConfig(num_qa=2, qa_num_facts=(4, 5), num_code=2, code_context_chars=(64, 128), qa_max_new_tokens=2,
+                  code_max_new_tokens=2, batch_size=2, buckets=(256,), kv_error_examples=2, fidelity=False)
+  aux = tmp_path / "aux"
+  shutil.copytree(fx.base, aux)
+  specs = [MethodSpec.parse("base"), MethodSpec.parse(f"specprefill:base@{aux};keep=0.5")]
+  runner.evaluate(str(fx.base), specs, ec, tmp_path / "a", log=lambda s: None)
+  logs = []
+  runner.evaluate(str(fx.base), specs, ec, tmp_path / "a", log=logs.append)
+  assert any("resuming: 2 of 2 methods" in l for l in logs), logs
+  for f in aux.rglob("*"):  # "retrained": the checkpoint's files are rewritten
+    if f.is_file():
+      os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+  logs.clear()
+  runner.evaluate(str(fx.base), specs, ec, tmp_path / "a", log=logs.append)
+  assert any("resuming: 1 of 2 methods" in l for l in logs), logs
 
 
 def test_an_interrupted_benchmark_resumes_from_the_groups_it_wrote(tmp_path, monkeypatch):

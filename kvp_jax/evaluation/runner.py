@@ -6,8 +6,9 @@ attention) and the paper's (N x aux cost per token), and writes report.json / re
 plots (plots.py). Every metric comes with its standard error and number of examples (stats.py), and its
 per-example scores, so two rows compare by paired differences.
 Every method is built before any is scored, so a bad spec fails in seconds. Each scored row is appended to
-`report.partial.jsonl` as soon as it is done: a rerun of an interrupted evaluation with the same settings and
-checkpoints reuses those rows (and says so), one with other settings starts over.
+`scored_rows.jsonl` as soon as it is done, with the stamp of its checkpoint, and the file is kept: a rerun with
+the same settings and base (an interrupted one, or one that adds methods) reuses every row whose method spec
+and checkpoint are unchanged (and says so); other settings or another base start over.
 Shape legend: see kvp_jax/models/config.py.
 """
 
@@ -48,7 +49,7 @@ def kv_errors(models: Models, specs: list[MethodSpec], task: Task, pad_id: int, 
   return out
 
 
-PARTIAL = "report.partial.jsonl"
+SCORED = "scored_rows.jsonl"
 
 
 def _stamp(path) -> list:
@@ -95,15 +96,18 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
   if ec.fidelity and not any(s.method == "base" and not s.path for s in specs):
     raise ValueError("fidelity metrics compare every method with the base: add the method 'base'")
   built = [_build(spec, models) for spec in specs]
-  partial = out_dir / PARTIAL
+  scored = out_dir / SCORED
   fingerprint = json.loads(json.dumps({
       "eval": ec.to_dict(), "base_checkpoint": str(base_checkpoint), "tokenizer": str(tokenizer),
-      "checkpoints": {str(p): _stamp(p) for p in {str(base_checkpoint), *(s.path for s in specs if s.path)}},
-      **(extra_config or {})}))
-  done = partial_results.load(partial, fingerprint, lambda o: o.get("spec"),
-                              "an evaluation with other settings or checkpoints", log)
+      "base": _stamp(base_checkpoint), **(extra_config or {})}))
+  # a row is reused only if its method's checkpoint is the one on disk now (not retrained since)
+  stamps = {str(s): json.loads(json.dumps(_stamp(s.path))) if s.path else None for s in specs}
+  rows = partial_results.load(scored, fingerprint, lambda o: o.get("spec"),
+                              "an evaluation with other settings or another base", log)
+  done = {k: {f: v for f, v in row.items() if f != "checkpoint"} for k, row in rows.items()
+          if k in stamps and row.get("checkpoint") == stamps[k]}
   if done:
-    log(f"resuming: {sum(str(s) in done for s in specs)} of {len(specs)} methods already scored in {partial}")
+    log(f"resuming: {len(done)} of {len(specs)} methods already scored in {scored}")
   # The base first: its first-token distributions are the reference of every other row's fidelity.
   is_ref = lambda i: ec.fidelity and specs[i].method == "base" and not specs[i].path
   order = sorted(range(len(specs)), key=lambda i: not is_ref(i))
@@ -140,7 +144,7 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
     if m.settings:
       row["settings"] = m.settings
     results[i] = row
-    partial_results.append(partial, row)
+    partial_results.append(scored, {**row, "checkpoint": stamps[str(spec)]})
     n_done = todo.index(i) + 1
     eta = (time.time() - t_begin) / n_done * (len(todo) - n_done)
     log(f"  [{k + 1}/{len(specs)}] {m.label}: " + " ".join(f"{k_} {v:.3f}" for k_, v in metrics.items())
@@ -163,5 +167,4 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
   write_report(report, out_dir)
   plots.pareto(report, out_dir / "pareto.png", TASK_OF_METRIC)
   plots.kv_error(report, out_dir / "kv_error.png")
-  partial.unlink(missing_ok=True)  # report.json holds every row now
   return report
