@@ -81,7 +81,8 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
              log: Callable[[str], None] = print, extra_config: dict | None = None) -> dict:
   """Evaluates every spec, writes report.json, report.md, pareto.png and kv_error.png; returns the report.
 
-  extra_config: recorded under report["config"] (the quickstart's stage fingerprints, to know when to rerun).
+  extra_config: recorded under report["config"] (the quickstart's stage fingerprints, to know when to rerun, and
+    its machine record); not part of what decides whether a scored row is reused (its checkpoint's stamp is).
   """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ def evaluate(base_checkpoint: str, specs: list[MethodSpec], ec: EvalConfig, out_
   scored = out_dir / SCORED
   fingerprint = json.loads(json.dumps({
       "eval": ec.to_dict(), "base_checkpoint": str(base_checkpoint), "tokenizer": str(tokenizer),
-      "base": _stamp(base_checkpoint), **(extra_config or {})}))
+      "base": _stamp(base_checkpoint)}))  # not extra_config: it records the machine, measured anew each run
   # a row is reused only if its method's checkpoint is the one on disk now (not retrained since)
   stamps = {str(s): json.loads(json.dumps(_stamp(s.path))) if s.path else None for s in specs}
   rows = partial_results.load(scored, fingerprint, lambda o: o.get("spec"),
