@@ -28,6 +28,8 @@ flags.DEFINE_integer("warmup", 1, "Untimed calls per method before the timed run
 flags.DEFINE_integer("tpot_steps", 20, "Timed decode steps per cache for TPOT.")
 flags.DEFINE_integer("matmul_n", 2048, "Size of the float32 roofline matmul (n x n x n).")
 flags.DEFINE_bool("torch", True, "Also time transformers' PyTorch prefill and decode of the same base weights.")
+flags.DEFINE_bool("onnxruntime", False, "Also time ONNX Runtime's prefill of transformers' model exported to "
+                  "ONNX (needs --torch and the onnxruntime, onnx, onnxscript packages; the export takes ~1 minute).")
 flags.DEFINE_integer("read_probe_mb", 256, "Size of the read-bandwidth probe of the roofline, in MiB.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                   "Parameter dtype of the JAX models (the torch peer is float32).")
@@ -146,7 +148,7 @@ def _build_spec():
       batch_sizes=[int(b) for b in FLAGS.batch_sizes], max_tokens_per_batch=FLAGS.max_tokens_per_batch,
       skip_groups=skip_groups,
       runs=FLAGS.runs, warmup=FLAGS.warmup, tpot_steps=FLAGS.tpot_steps, matmul_n=FLAGS.matmul_n,
-      torch=FLAGS.torch, seed=FLAGS.seed, log=lambda s: print(s, flush=True),
+      torch=FLAGS.torch, onnxruntime=FLAGS.onnxruntime, seed=FLAGS.seed, log=lambda s: print(s, flush=True),
       recompute_budgets=tuple(budgets), recompute_pairing=FLAGS.recompute_aux or None,
       recompute_edge_fraction=FLAGS.recompute_edge_fraction, recompute_importance=FLAGS.recompute_importance,
       lazyllm_schedule=schedule, prune_keep=tuple(float(k) for k in FLAGS.prune_keep),

@@ -1,8 +1,9 @@
 """What a user would otherwise run, timed in the same rounds as our calls, on the same weights: transformers +
-PyTorch (float32, `inference_mode`, SDPA attention) for prefill and decode, torch's own GEMM peak, and llama.cpp
-on the original GGUF file (its own quantized kernels) through the optional `llama-cpp-python` package.
-Neither is a kvp_jax dependency: both are imported here only, and a missing one leaves its rows out with the
-reason recorded.
+PyTorch (float32, `inference_mode`, SDPA attention) for prefill and decode, torch's own GEMM peak; ONNX Runtime
+(CPU execution provider) on transformers' model exported to ONNX by `torch.onnx.export`, for prefill; and
+llama.cpp on the original GGUF file (its own quantized kernels) through the optional `llama-cpp-python` package.
+None is a kvp_jax dependency: each is imported here only, and a missing one leaves its rows out with the reason
+recorded.
 """
 
 from __future__ import annotations
@@ -66,6 +67,59 @@ class Torch:
       with torch.inference_mode():
         return self.hf(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1).logits
     return call
+
+
+def onnxruntime_status() -> str | None:
+  """None when ONNX Runtime and the exporter's packages import, else why its rows are absent."""
+  try:
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import onnxscript  # noqa: F401
+    import torch  # noqa: F401
+  except ImportError as e:
+    return f"not installed (pip install onnxruntime onnx onnxscript; {e.__class__.__name__}: {e})"
+  return None
+
+
+class OnnxRuntime:
+  """transformers' model of the same weights as an ONNX prefill graph (ids [B, T] -> logits of the last position,
+  no cache: the TTFT question), exported once per benchmark run with dynamic B and T, run by ONNX Runtime's CPU
+  execution provider with every usable core and its full graph optimisations (its default)."""
+
+  def __init__(self, torch_peer: "Torch", onnx_path):
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    class Prefill(torch.nn.Module):
+      def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+      def forward(self, ids):
+        return self.hf(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    ids = torch.zeros((2, 16), dtype=torch.int64)
+    dims = ({0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("tokens", min=2, max=1 << 16)},)
+    transformers.utils.logging.set_verbosity_error()
+    program = torch.onnx.export(Prefill(torch_peer.hf), (ids,), dynamo=True, dynamic_shapes=dims,
+                                input_names=["ids"], output_names=["logits"], verbose=False)
+    program.save(str(onnx_path))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    self.version = ort.__version__
+
+  def logits(self, tokens: np.ndarray) -> np.ndarray:
+    """[B, V] logits of the last position."""
+    return self.session.run(None, {"ids": np.asarray(tokens, np.int64)})[0][:, -1]
+
+  def prefill_method(self, tokens: np.ndarray, base_cfg: ModelConfig) -> Method:
+    ids = np.asarray(tokens, np.int64)
+    B, T = ids.shape
+    return Method("onnxruntime", None, lambda: self.session.run(None, {"ids": ids}), None,
+                  flops.prefill_flops(base_cfg, T, batch=B), flops.prefill_flops(base_cfg, T, batch=B, attention=False),
+                  None, {"read_bytes": flops.prefill_read_bytes(base_cfg), "onnxruntime": self.version})
 
 
 def llama_cpp_status() -> str | None:

@@ -38,6 +38,9 @@ def figures(result: dict) -> dict[str, Any]:
     x = [base[(r["prompt_len"], b)]["tpot_s_median"] / r["tpot_s_median"] for r in rows
          if r["method"] == "hf_torch" and r["batch"] == b and "tpot_s_median" in r and (r["prompt_len"], b) in base]
     out[f"jax_over_torch_tpot_max_batch{b}"] = max(x) if x else None
+  for b in sorted({r["batch"] for r in rows if r["method"] == "onnxruntime"}):
+    out[f"jax_over_onnxruntime_ttft_max_batch{b}"] = max(
+        r["jax_over_onnxruntime_ttft"] for r in rows if r["method"] == "onnxruntime" and r["batch"] == b)
   llama = {r["prompt_len"]: r for r in rows if r["method"] == "llama_cpp" and r["batch"] == 1}
   for r in rows:
     if r["method"] == "kvp" and r["batch"] == 1 and r["prompt_len"] >= 512 and r["prompt_len"] in llama:

@@ -6,7 +6,8 @@ interleaved run by run together with a float32 matmul (the roofline) and transfo
 that load from other processes hits every figure alike. Reported: median, min and max seconds.
 
 Methods: `base` (the base's prefill), per pairing `aux_only` and `kvp`, the peers `hf_torch` (transformers +
-PyTorch) and `llama_cpp` (the original GGUF, B=1, when llama-cpp-python is installed); and, when the spec asks,
+PyTorch), `onnxruntime` (transformers' model exported to ONNX, prefill, when asked and installed) and
+`llama_cpp` (the original GGUF, B=1, when llama-cpp-python is installed); and, when the spec asks,
 `kvp_recompute` (KV Prediction + selective recomputation, recompute.py) for one pairing at a few budgets
 (num_intervals x interval_size), `lazyllm`, `random_prune` and `static_prune` (baselines/pruning.py) on the base,
 and the rivals `swiftkv` (per cutoff, with TPOT of its own decode step), `specprefill` (per keep fraction, a
@@ -64,6 +65,7 @@ class BenchSpec:
   tpot_steps: int = 5
   matmul_n: int = 2048
   torch: bool = True
+  onnxruntime: bool = False  # ONNX Runtime prefill rows, on transformers' model exported to ONNX (needs torch)
   seed: int = 0
   log: Callable[[str], None] = print
   # Recomputation / pruning rows (none by default).
@@ -182,7 +184,9 @@ def run(spec: BenchSpec) -> dict[str, Any]:
   mm_call, mm_flops, mm_cs = timing.matmul_call(spec.matmul_n)
   roof = _Rooflines(mm_call, mm_flops, *timing.read_bandwidth_call(spec.read_probe_mb << 20))
   peer_status = {"hf_torch": None if torch_ok else "not measured (--torch=false or torch not installed)",
-                 "llama_cpp": peers.llama_cpp_status() if spec.gguf else "no GGUF file of this base (random weights)"}
+                 "llama_cpp": peers.llama_cpp_status() if spec.gguf else "no GGUF file of this base (random weights)",
+                 "onnxruntime": (("not measured (it exports transformers' model: needs --torch)" if not torch_ok else
+                                  peers.onnxruntime_status()) if spec.onnxruntime else "not measured (--onnxruntime=false)")}
   rows = []
   done = _done_groups(spec)
   with tempfile.TemporaryDirectory() as tmp:
@@ -191,6 +195,10 @@ def run(spec: BenchSpec) -> dict[str, Any]:
       from kvp_jax.models import hf_checkpoint
       hf_dir = spec.hf_dir or hf_checkpoint.save_pretrained(spec.base_cfg, spec.base, os.path.join(tmp, "base_hf"))
       torch_peer = peers.Torch(hf_dir)
+    ort_peer = None
+    if peer_status["onnxruntime"] is None:
+      log("exporting transformers' model to ONNX for the onnxruntime rows")
+      ort_peer = peers.OnnxRuntime(torch_peer, os.path.join(tmp, "base_prefill.onnx"))
     for B in spec.batch_sizes:
       for T in spec.prompt_lens:
         if B * T > spec.max_tokens_per_batch:
@@ -205,7 +213,7 @@ def run(spec: BenchSpec) -> dict[str, Any]:
           roof.rb_times += done[(B, T)].get("rb_times", [])
           continue
         n_mm, n_rb = len(roof.mm_times), len(roof.rb_times)
-        group = _run_group(spec, B, T, torch_peer, peer_status["llama_cpp"] is None, roof)
+        group = _run_group(spec, B, T, torch_peer, peer_status["llama_cpp"] is None, roof, ort_peer)
         rows += group
         if spec.partial is not None:
           partial_results.append(spec.partial, {"group": [B, T], "rows": group, "mm_times": roof.mm_times[n_mm:],
@@ -233,7 +241,8 @@ def run(spec: BenchSpec) -> dict[str, Any]:
   return out
 
 
-def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof: _Rooflines) -> list[dict]:
+def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof: _Rooflines,
+               ort_peer=None) -> list[dict]:
   log = spec.log
   max_len = T + spec.tpot_steps + spec.warmup
   tokens = jnp.asarray(_tokens(spec.base_cfg, B, T, spec.seed + T + B))
@@ -264,6 +273,8 @@ def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof
                                              spec.gemfilter_layer))
   if torch_peer is not None:
     methods.append(torch_peer.prefill_method(np.asarray(tokens), spec.base_cfg))
+  if ort_peer is not None:
+    methods.append(ort_peer.prefill_method(np.asarray(tokens), spec.base_cfg))
   llama = None
   if llama_ok and B == 1:  # llama-cpp-python's Llama runs one sequence
     llama = peers.LlamaCpp(spec.gguf, n_ctx=max_len + 1)
@@ -313,7 +324,7 @@ def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof
            "achieved_flops_per_s": m.flops / s["median"], "fraction_of_matmul_peak": m.flops / s["median"] / peak_here,
            "peak_mem_bytes": m.peak_mem_bytes, "rss_peak_delta_bytes": rss[k], **m.extra}
     if "read_bytes" in m.extra:  # the roofline of this row's FLOPs and reads, measured in the same rounds
-      row_peak = torch_peak_here if m.method == "hf_torch" else peak_here
+      row_peak = torch_peak_here if m.method in ("hf_torch", "onnxruntime") else peak_here
       if row_peak:
         row["roofline_s"] = m.flops / row_peak + m.extra["read_bytes"] / read_bw_here
         row["ttft_over_roofline"] = s["median"] / row["roofline_s"]
@@ -335,6 +346,8 @@ def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof
       row["speedup_over_ideal"] = row["measured_speedup"] / m.extra["ideal_speedup"]
     if m.method == "hf_torch":
       row["jax_over_torch_ttft"] = base_med / s["median"]
+    if m.method == "onnxruntime":
+      row["jax_over_onnxruntime_ttft"] = base_med / s["median"]
     rows.append(row)
   rows.append({"method": "matmul", "aux": None, "prompt_len": T, "batch": B, "matmul_n": spec.matmul_n,
                "flops": roof.mm_flops, **{f"ttft_s_{k}": v for k, v in timing.stats(times["matmul"]).items()},

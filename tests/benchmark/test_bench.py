@@ -128,7 +128,8 @@ def test_analytic_flops_match_xla_cost_analysis(aux):
 
 def test_bench_smoke_writes_valid_json(tmp_path):
   out = tmp_path / "bench.json"
-  cmd = [sys.executable, "-m", "kvp_jax.bench", f"--flagfile={ROOT / 'configs/bench_smoke.flags'}", f"--output={out}"]
+  cmd = [sys.executable, "-m", "kvp_jax.bench", f"--flagfile={ROOT / 'configs/bench_smoke.flags'}", f"--output={out}",
+         "--onnxruntime"]
   # The timeout guards against a hang, not speed: the run took 287 s on a loaded 2-core machine.
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -164,6 +165,12 @@ def test_bench_smoke_writes_valid_json(tmp_path):
     assert torch_row["ttft_over_roofline"] > 0
   except ImportError:
     pass
+  if res["peers"]["onnxruntime"] is None:  # installed with the test extras
+    ort_row = next(r for r in rows if r["method"] == "onnxruntime")
+    assert ort_row["jax_over_onnxruntime_ttft"] > 0 and ort_row["ttft_over_roofline"] > 0
+    assert res["figures"]["jax_over_onnxruntime_ttft_max_batch2"] == ort_row["jax_over_onnxruntime_ttft"]
+  else:
+    assert res["peers"]["onnxruntime"].startswith("not installed")
   # Roofline: FLOPs / matmul peak + bytes / read bandwidth, both measured in the row's own rounds.
   assert res["read_bandwidth_bytes_per_s"] > 0 and res["read_probe_bytes"] > 0
   mm = next(r for r in res["rows"] if r["method"] == "matmul")

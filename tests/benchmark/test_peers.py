@@ -1,5 +1,6 @@
-"""The benchmark's llama.cpp peer runs the same model as ours: on a tiny float32 GGUF its prompt logits match
-our decoder's. Skipped without llama-cpp-python (an optional benchmark peer)."""
+"""The benchmark's peers run the same model as ours: llama.cpp on a tiny float32 GGUF, and ONNX Runtime on
+transformers' model exported to ONNX, give our decoder's logits. Each is skipped without its package
+(llama-cpp-python is optional; onnxruntime comes with the test extras)."""
 
 import numpy as np
 import pytest
@@ -30,3 +31,21 @@ def test_llama_cpp_prefill_and_decode_match_our_logits(tmp_path):
   step = lc.decode_call(tokens)  # prefills again, then each call appends a token
   step()
   assert lc.llm.n_tokens == 13
+
+
+def test_onnxruntime_prefill_matches_our_logits(tmp_path):
+  """The ONNX Runtime peer exports transformers' model of our weights (dynamic batch and length) and its
+  last-position logits match our decoder's at another shape than the export's."""
+  pytest.importorskip("onnxruntime")
+  pytest.importorskip("onnxscript")
+  from kvp_jax.models import hf_checkpoint
+  assert peers.onnxruntime_status() is None
+  cfg = tiny_config()
+  params = random_params(cfg, seed=4)
+  hf_dir = hf_checkpoint.save_pretrained(cfg, params, tmp_path / "hf")
+  ort_peer = peers.OnnxRuntime(peers.Torch(hf_dir), tmp_path / "prefill.onnx")
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (3, 21)).astype(np.int32)
+  want = np.asarray(decoder.logits(cfg, params, tokens))[:, -1]
+  np.testing.assert_allclose(ort_peer.logits(tokens), want, atol=2e-4, rtol=2e-4)
+  m = ort_peer.prefill_method(tokens, cfg)
+  assert m.method == "onnxruntime" and m.flops > 0 and m.extra["read_bytes"] > 0
