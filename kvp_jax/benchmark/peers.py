@@ -102,7 +102,7 @@ class OnnxRuntime:
     ids = torch.zeros((2, 16), dtype=torch.int64)
     dims = ({0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("tokens", min=2, max=1 << 16)},)
     transformers.utils.logging.set_verbosity_error()
-    program = torch.onnx.export(Prefill(torch_peer.hf), (ids,), dynamo=True, dynamic_shapes=dims,
+    program = torch.onnx.export(Prefill(torch_peer.hf).eval(), (ids,), dynamo=True, dynamic_shapes=dims,
                                 input_names=["ids"], output_names=["logits"], verbose=False)
     program.save(str(onnx_path))
     opts = ort.SessionOptions()
