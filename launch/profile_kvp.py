@@ -5,7 +5,9 @@
 Times (medians of interleaved runs, order rotating) each prefix of `inference.kvp_prefill`: the aux forward pass as
 KVP runs it (XLA drops the last layer's unused output), + the predictor, + building the base cache (key norm,
 RoPE, layout), the whole of kvp_prefill, and the base's last-token step alone. The differences are what each
-piece costs; compare them with their FLOPs (kvp_jax/models/flops.py) to see which are memory-bound.
+piece costs; compare them with their FLOPs (kvp_jax/models/flops.py) to see which are memory-bound. The cache
+build has no FLOPs to speak of: its floor is reading the predictions and writing the cache once, at the
+measured bandwidth (printed beside it).
 
 Memory roofline, in the same interleaved rounds: a jitted sum over a float32 array as large as the bytes the
 base's last-token step reads (every weight but the embedding table, and the cache) gives this machine's read
@@ -98,6 +100,16 @@ def main(argv):
   for name, t, f in pieces:
     print(f"  {name:28s} {t * 1e3:8.1f} ms {f / 1e9:8.2f} GFLOP  x{t / (f / peak) if f else float('inf'):6.2f}")
   read_bw = step_bytes / med["memory: sum over as many bytes"]
+  # The cache build's floor: it must read the predicted K/V ([L, B, T-1, K, H] twice) and write the cache
+  # ([L, B, K, max_len, H] twice) once each, whatever is fused into what.
+  pred_bytes = 2 * base_cfg.num_layers * B * (T - 1) * base_cfg.kv_width * 4
+  cache_bytes = (c.k.size + c.v.size) * 4
+  for pr in pairs:
+    n = f"{pr.name}: "
+    t = med[n + "aux+predictor+cache"] - med[n + "aux+predictor"]
+    floor = (pred_bytes + cache_bytes) / read_bw
+    print(f"{n}cache build {t * 1e3:.1f} ms: reads {pred_bytes / 1e6:.0f} MB of predictions and writes a "
+          f"{cache_bytes / 1e6:.0f} MB cache, {floor * 1e3:.1f} ms at the read bandwidth: x{t / floor:.2f} its floor")
   step_bw = step_bytes / med["base: last-token step"]
   print(f"read bandwidth (sum over {step_bytes / 1e6:.0f} MB) {read_bw / 1e9:6.1f} GB/s")
   print(f"base last-token step reads {step_bytes / 1e6:.0f} MB: {step_bw / 1e9:6.1f} GB/s "

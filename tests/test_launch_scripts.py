@@ -51,7 +51,7 @@ def test_profile_kvp_runs():
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   for piece in ("lp0.25: aux ", "lp0.25: kvp_prefill", "c: aux+predictor+cache", "base: last-token step",
-                "read bandwidth", "of the read bandwidth)"):
+                "read bandwidth", "of the read bandwidth)", "its floor"):
     assert piece in proc.stdout
 
 
