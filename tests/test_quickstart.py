@@ -123,6 +123,15 @@ def test_smollm2_plan_fits_then_trains_each_aux_and_ablations_share_the_fit():
   assert "specprefill:lp0.25@/w/lp_alone_lp0.25;keep=0.3" in specs  # its draft is the LP-alone model
 
 
+def test_smollm2_quick_plan_fits_one_aux_and_trains_nothing():
+  names, specs = _plan_json("p = q.PRESETS['smollm2-quick']; st = q.plan(p, base='/b'); "
+                             "print(json.dumps([[s['name'] for s in st], q.method_specs(p, st, Path('/w'))]))")
+  assert names == ["kvp_lp0.50_lstsq"]  # no LP alone, KVP or SwiftKV training stage
+  assert specs[:3] == ["base", "lp_alone:lp0.50;train_steps=0", "kvp:lp0.50@/w/kvp_lp0.50_lstsq;train_steps=0"]
+  assert "specprefill:lp0.50;keep=0.3" in specs and not any(s.startswith("swiftkv") for s in specs)
+  assert "kvp_recompute:lp0.50@/w/kvp_lp0.50_lstsq;num_intervals=2;interval_size=16" in specs
+
+
 def test_real_base_flags_fail_in_one_line(tmp_path):
   proc = _quickstart(tmp_path / "a", preset="smollm2-smoke", ok=False)
   assert proc.returncode == 2 and "--base" in proc.stderr.strip().splitlines()[-1]

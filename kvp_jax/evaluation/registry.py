@@ -63,6 +63,23 @@ class Models:
       self._models[path] = checkpoints.load_model(path)
     return self._models[path]
 
+  def pruned(self, label: str | None):
+    """The base with only an LP label's layers ("lp0.50": half of them, kvp.aux_models.lp_keep_layers), untrained:
+    LP alone (and a SpecPrefill draft) at zero fine-tuning steps, beside a KVP least-squares fit."""
+    from kvp_jax.kvp import aux_models
+    try:
+      fraction = float(label.removeprefix("lp")) if label and label.startswith("lp") else None
+    except ValueError:
+      fraction = None
+    if fraction is None:
+      raise ValueError(f"untrained layer pruning needs a label lpF (e.g. lp0.50), got {label!r}; or name a "
+                       "fine-tuned model as AUX@PATH")
+    key = ("pruned", label)  # never a checkpoint path's key
+    if key not in self._models:
+      cfg, params = self.base
+      self._models[key] = aux_models.prune_layers(cfg, params, aux_models.lp_keep_layers(cfg.num_layers, fraction))
+    return self._models[key]
+
   def swiftkv(self, path: str):
     if path not in self._swiftkvs:
       from kvp_jax.baselines import swiftkv
@@ -128,12 +145,13 @@ def _swiftkv(spec: MethodSpec, models: Models) -> ttft.Method:
 
 
 def _specprefill(spec: MethodSpec, models: Models) -> ttft.Method:
-  """`specprefill:DRAFT@DRAFT_CHECKPOINT;keep=P[;keep_last=false;look_ahead=8;chunk=32;pool_kernel=13]`."""
+  """`specprefill:DRAFT@DRAFT_CHECKPOINT;keep=P[;keep_last=false;look_ahead=8;chunk=32;pool_kernel=13]`, or
+  `specprefill:lpF;keep=P` with the base's layers pruned to F, untrained, as the draft."""
   from kvp_jax.baselines import specprefill
   if not spec.aux or "keep" not in dict(spec.settings):
     raise ValueError(f"method spec {spec}: write specprefill:DRAFT_NAME@DRAFT_CHECKPOINT;keep=P")
-  return specprefill.specprefill_method(*models.base, *models.model(_needs_path(spec)), draft_name=spec.aux,
-                                        **_settings(spec))
+  draft = models.model(spec.path) if spec.path else models.pruned(spec.aux)
+  return specprefill.specprefill_method(*models.base, *draft, draft_name=spec.aux, **_settings(spec))
 
 
 def _gemfilter(spec: MethodSpec, models: Models) -> ttft.Method:
@@ -151,7 +169,9 @@ def _described(m: ttft.Method, spec: MethodSpec) -> ttft.Method:
 BUILDERS: dict[str, Callable[[MethodSpec, Models], ttft.Method]] = {
     "base": lambda s, ms: ttft.model_method("base", *(ms.model(s.path) if s.path else ms.base)),
     "aux_only": lambda s, ms: _described(ttft.model_method("aux_only", *ms.model(_needs_path(s)), aux=s.aux), s),
-    "lp_alone": lambda s, ms: _described(ttft.model_method("lp_alone", *ms.model(_needs_path(s)), aux=s.aux), s),
+    # "lp_alone:lp0.50@DIR" fine-tuned; "lp_alone:lp0.50;train_steps=0" the base's layers pruned, untrained.
+    "lp_alone": lambda s, ms: _described(ttft.model_method(
+        "lp_alone", *(ms.model(s.path) if s.path else ms.pruned(s.aux)), aux=s.aux), s),
     "kvp": lambda s, ms: _described(inference.kvp_method(*ms.kvp(_needs_path(s)), aux=s.aux), s),
     # These read their settings as arguments (e.g. "random_prune;keep=0.5", "kvp_recompute:lp0.50@DIR;
     # num_intervals=2;interval_size=16", "lazyllm;schedule=1:0.7,2:0.5").

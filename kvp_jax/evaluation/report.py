@@ -24,18 +24,31 @@ BASELINE_METHODS = ("aux_only", "lp_alone")
 RIVAL_METHODS = ("swiftkv", "specprefill", "gemfilter")
 
 
-def gap_recovered(results: list[dict]) -> dict[str, dict[str, float | None]]:
-  """Per aux and metric: (kvp - aux alone) / (base - aux alone), for the plain kvp rows (no settings).
+def _plain(r: dict) -> bool:
+  """A main row: no settings but maybe its training steps (a least-squares fit or a pruned model at 0 steps)."""
+  return not set(r.get("settings", {})) - {"train_steps"}
 
-  'aux alone' is the aux_only row of that aux, else its lp_alone row; None where base equals it.
+
+def _aux_alone(results: list[dict], r: dict) -> dict | None:
+  """r's aux alone: the aux_only row of its aux, else its lp_alone row; of those, the one trained for as many
+  steps as r (a kvp fit at 0 steps against the pruned model untrained) when there is one."""
+  steps = r.get("settings", {}).get("train_steps")
+  refs = [b for m in BASELINE_METHODS for b in results if b["method"] == m and b.get("aux") == r["aux"] and _plain(b)]
+  return next((b for b in refs if b.get("settings", {}).get("train_steps") == steps), refs[0] if refs else None)
+
+
+def gap_recovered(results: list[dict]) -> dict[str, dict[str, float | None]]:
+  """Per aux and metric: (kvp - aux alone) / (base - aux alone), for the main kvp row of each aux (the trained
+  one; the least-squares fit where nothing was trained).
+
+  'aux alone': see _aux_alone; None where base equals it.
   """
   base = next((r for r in results if r["method"] == "base"), None)
   out = {}
   for r in results:
-    if r["method"] != "kvp" or r.get("settings") or base is None:
+    if r["method"] != "kvp" or not _plain(r) or base is None or (r.get("settings") and r["aux"] in out):
       continue
-    ref = next((b for m in BASELINE_METHODS for b in results if b["method"] == m and b.get("aux") == r["aux"]
-                and not b.get("settings")), None)
+    ref = _aux_alone(results, r)
     if ref is None:
       continue
     out[r["aux"]] = {}
@@ -58,13 +71,13 @@ def equal_flops(results: list[dict]) -> list[dict]:
   difference kvp - aux alone and its standard error, the share of the aux-to-base gap it recovers, and the best of
   base / aux_only / lp_alone spending at most the kvp row's TTFT FLOPs (ours; best = lowest for a lower-is-better
   metric)."""
-  baselines = [r for r in results if r["method"] in ("base",) + BASELINE_METHODS and not r.get("settings")]
+  baselines = [r for r in results if r["method"] in ("base",) + BASELINE_METHODS and _plain(r)]
   base = next((r for r in results if r["method"] == "base"), None)
   out = []
   for r in results:
     if r["method"] != "kvp":
       continue
-    ref = next((b for b in baselines if b["method"] in BASELINE_METHODS and b.get("aux") == r["aux"]), None)
+    ref = _aux_alone(results, r)
     for t, v in r["metrics"].items():
       task = TASK_OF_METRIC[t]
       f = r["ttft_flops_by_task"][task]

@@ -218,6 +218,35 @@ def test_equal_flops_compares_with_the_best_cheaper_baseline():
   assert (e["best_baseline_at_most_flops"], e["best_baseline_label"]) == (0.4, "lp_alone[lp0.50]")
 
 
+def test_a_fit_at_zero_steps_faces_the_pruned_model_at_zero_steps():
+  """A preset that trains nothing (smollm2-quick) pairs KVP's least-squares fit with the pruned model untrained;
+  where both are there, the trained KVP row with the trained LP alone and the gap is the trained row's."""
+  zero = {"train_steps": 0}
+  results = [_row("base", None, 100.0, (0.8, 0.5)), _row("lp_alone", "lp0.50", 50.0, (0.0, 0.1), zero),
+             _row("kvp", "lp0.50", 55.0, (0.2, 0.3), zero)]
+  e = {x["metric"]: x for x in eval_report.equal_flops(results)}["qa_em"]
+  assert (e["aux_alone"], e["aux_alone_method"]) == (0.0, "lp_alone")
+  assert eval_report.gap_recovered(results)["lp0.50"]["qa_em"] == pytest.approx(0.2 / 0.8)
+  results += [_row("lp_alone", "lp0.50", 50.0, (0.4, 0.3)), _row("kvp", "lp0.50", 55.0, (0.6, 0.4))]
+  eq = {(x["label"], x["metric"]): x for x in eval_report.equal_flops(results)}
+  assert eq[("kvp[lp0.50](train_steps=0)", "qa_em")]["aux_alone"] == 0.0
+  assert eq[("kvp[lp0.50]", "qa_em")]["aux_alone"] == 0.4
+  assert eval_report.gap_recovered(results)["lp0.50"]["qa_em"] == pytest.approx((0.6 - 0.4) / (0.8 - 0.4))
+
+
+def test_untrained_lp_alone_is_the_base_with_the_labels_layers():
+  cfg = tiny_config(num_layers=4)
+  models = registry.Models.__new__(registry.Models)  # no checkpoint on disk: the base given directly
+  models.base_path, models.base, models._models = "-", (cfg, P.init(cfg, jax.random.PRNGKey(0))), {}
+  m = registry.BUILDERS["lp_alone"](MethodSpec.parse("lp_alone:lp0.50;train_steps=0"), models)
+  assert (m.label, m.settings) == ("lp_alone[lp0.50](train_steps=0)", {"train_steps": 0})
+  pcfg, pparams = models.pruned("lp0.50")
+  assert pcfg.num_layers == 2 and pparams.layers[1] is not None
+  assert bool(jnp.all(pparams.layers[1].wq == models.base[1].layers[2].wq))  # layers 0 and 2 kept
+  with pytest.raises(ValueError, match="label lpF"):
+    models.pruned("c")
+
+
 def test_rivals_face_the_best_kvp_at_no_more_flops_and_the_nearest():
   riv = {(e["label"], e["metric"]): e for e in synthetic_report()["rivals"]}
   assert set(riv) == {("swiftkv(cutoff=0.5)", "qa_em"), ("swiftkv(cutoff=0.5)", "code_line_em")}
