@@ -51,10 +51,10 @@ def test_smoke_preset_end_to_end_then_reuses_every_stage(tmp_path):
   assert again.count("reused") == 7, again  # six training stages (SwiftKV's among them) and the evaluation
 
 
-def _plan_json(code: str):
+def _plan_json(code: str, timeout: int = 120):
   """What a snippet of quickstart planning prints as JSON, run in a fresh interpreter (absl flags stay unparsed)."""
   proc = subprocess.run([sys.executable, "-c", "from kvp_jax import quickstart as q; from pathlib import Path; "
-                         "import json; " + code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         "import json; " + code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return json.loads(proc.stdout)
 
@@ -130,6 +130,24 @@ def test_smollm2_quick_plan_fits_one_aux_and_trains_nothing():
   assert specs[:3] == ["base", "lp_alone:lp0.50;train_steps=0", "kvp:lp0.50@/w/kvp_lp0.50_lstsq;train_steps=0"]
   assert "specprefill:lp0.50;keep=0.3" in specs and not any(s.startswith("swiftkv") for s in specs)
   assert "kvp_recompute:lp0.50@/w/kvp_lp0.50_lstsq;num_intervals=2;interval_size=16" in specs
+
+
+def test_zero_step_real_preset_end_to_end_on_a_tiny_chat_model(tmp_path):
+  """smollm2-quick's path (nothing trained) on the smoke preset's sizes: the fit, LP alone and SpecPrefill's draft
+  built as the pruned base, and the report pairing the fit with the untrained LP alone."""
+  base = tiny_chat_model_dir(tmp_path / "base")
+  wd = tmp_path / "run"
+  code = ("p = dict(q.PRESETS['smollm2-smoke'], kvp={'steps': 0, 'lr': 1e-4, 'warmup_steps': 0, 'batch_size': 2}, "
+          "extra_methods=['random_prune;keep=0.5', 'specprefill:lp0.50;keep=0.5']); "
+          f"r = q.run({str(wd)!r}, p, base={str(base)!r}, log=lambda s: None); "
+          "print(json.dumps([r['results'], r['equal_flops']]))")
+  rows, eq = _plan_json(code, timeout=900)
+  rows = {r["label"]: r for r in rows}
+  assert set(rows) == {"base", "lp_alone[lp0.50](train_steps=0)", "kvp[lp0.50](train_steps=0)",
+                       "random_prune(keep=0.5,seed=0)", next(k for k in rows if k.startswith("specprefill[lp0.50]"))}
+  assert rows["lp_alone[lp0.50](train_steps=0)"]["ttft_flops"] < rows["base"]["ttft_flops"]
+  assert sorted(p.name for p in wd.iterdir()) == ["eval", "eval.flags", "kvp_lp0.50_lstsq"]  # nothing trained
+  assert {e["aux_alone_method"] for e in eq} == {"lp_alone"} and all(e["diff_se"] is not None for e in eq)
 
 
 def test_real_base_flags_fail_in_one_line(tmp_path):
