@@ -94,8 +94,9 @@ def test_scores_and_chunks_match_the_released_code(setup):
       s0 = int(starts[b])
       attn = []
       for l in range(dcfg.num_layers):
-        query = torch.from_numpy(np.asarray(q[:, l, b])).transpose(0, 1)  # (heads, steps, dim)
-        key = torch.repeat_interleave(torch.from_numpy(np.asarray(keys[l, b][:, s0:])), G, dim=0)  # heads, n, dim
+        # np.array, not asarray: torch warns on the read-only views of JAX arrays
+        query = torch.from_numpy(np.array(q[:, l, b])).transpose(0, 1)  # (heads, steps, dim)
+        key = torch.repeat_interleave(torch.from_numpy(np.array(keys[l, b][:, s0:])), G, dim=0)  # heads, n, dim
         attn.append(torch.matmul(query, key.transpose(-1, -2)) / np.sqrt(query.shape[-1]))
       attn = torch.softmax(torch.stack(attn), dim=-1, dtype=torch.float32).flatten(0, 1)
       attn = torch.nn.functional.avg_pool1d(attn, kernel_size=13, padding=13 // 2, stride=1)
