@@ -45,6 +45,8 @@ def test_runs(task, loss):
   assert f"step 0 loss" in proc.stdout and f"{task} accuracy" in proc.stdout
 
 
+# The two profilers run the 125M benchmark base (~70 s each): slow, as the benchmark smoke test covers its methods.
+@pytest.mark.slow
 def test_profile_kvp_runs():
   """launch/profile_kvp.py (the benchmark's 125M base, a short prompt, one run) prints every piece."""
   proc = subprocess.run([sys.executable, str(ROOT / "launch" / "profile_kvp.py"), "--prompt_len=16", "--runs=1"],
@@ -55,6 +57,7 @@ def test_profile_kvp_runs():
     assert piece in proc.stdout
 
 
+@pytest.mark.slow
 def test_profile_decode_runs():
   """launch/profile_decode.py (the benchmark's 125M base, a short cache, one round) splits each step, and
   with --parts its attention into the score and value products."""

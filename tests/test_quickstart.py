@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import tiny_chat_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +75,9 @@ def test_plan_with_ablations_adds_three_kvp_variants_of_one_aux():
   assert {"swiftkv_0.50", "swiftkv_0.25"} <= set(names) and "swiftkv@/w/swiftkv_0.50" in specs
 
 
+# Slow (~2 min): the default suite covers this path in parts, the fit and trained KVP with every rival in the
+# notebook's smoke tier (tests/test_notebook.py), the zero-step preset below, stage reuse in the tiny preset's test.
+@pytest.mark.slow
 def test_smollm2_path_end_to_end_on_a_tiny_chat_model_then_reuses_every_stage(tmp_path):
   base = tiny_chat_model_dir(tmp_path / "base")
   wd = tmp_path / "run"

@@ -174,6 +174,9 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+# Slow (~45 s): the whole KVP stage on 4 simulated devices; the default suite keeps the sharded step's own
+# equality tests (tests/training/test_sharded_step.py).
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(tmp_path, base_dir, corpus):
   r = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path), str(base_dir), corpus], capture_output=True,
                      text=True, timeout=600)
