@@ -203,7 +203,7 @@ def _rank(score_BS):
   return jnp.argsort(order, axis=-1).astype(jnp.int32)
 
 
-@compile_options.decode_jit(static_argnames=("cfg", "schedule", "max_revive"))
+@compile_options.decode_jit(static_argnames=("cfg", "schedule", "max_revive"), donate_argnums=3)
 def lazyllm_step(cfg: ModelConfig, params: Params, tokens_B1, state: LazyState, *, schedule, max_revive: int = 16):
   """One LazyLLM decode step with re-selection and the Aux Cache: (logits [B, V], state)."""
   stages = dict(check_schedule(schedule, cfg.num_layers))
@@ -343,7 +343,7 @@ def static_prune_prefill(cfg: ModelConfig, params: Params, tokens_BT, starts_B, 
   return _finish_compact(cfg, params, x_BCD, ks, vs, valid_BC, m_B, T, starts_B, max_len)
 
 
-@compile_options.decode_jit(static_argnums=0)
+@compile_options.decode_jit(static_argnums=0, donate_argnums=3)
 def positioned_step(cfg: ModelConfig, params: Params, tokens_B1, state):
   """Base decode from a compact cache: the new token at its true position, state (cache, next positions [B])."""
   cache, pos_B = state
