@@ -406,9 +406,10 @@ plt.close(fig)
 # - **Plan a run**: `python -m kvp_jax.plan --flagfile=...` compiles the train step for the flagfile's mesh and
 #   estimates its memory, step time and FLOPs on given hardware before you spend any (see the README's Scale).
 # - **The quickstart presets** run the whole comparison in one command: `python -m kvp_jax.quickstart` (the
-#   default, `--preset=smollm2-quick`, ~25 minutes on 2 CPU cores: this base, KVP-LP-0.50 fitted by least squares
-#   against the same pruned model and every training-free rival, nothing trained), `--preset=smollm2` (LP alone
-#   at 0.25/0.5/0.75 of the layers, KVP-LP fitted and trained, the rivals, the full evaluation), `--preset=smollm2-full` for LP-0.50 at 4x the steps and 48 examples per task (~2 hours on 2 CPU cores),
+#   default, `--preset=smollm2-quick`, under 25 minutes on 2 CPU cores: this base, KVP-LP-0.50 fitted by least
+#   squares against the same pruned model, recompute, LazyLLM, random and static pruning, nothing trained),
+#   `--preset=smollm2` (LP alone at 0.25/0.5/0.75 of the layers, KVP-LP fitted and trained, every rival, the full
+#   evaluation), `--preset=smollm2-full` for LP-0.50 at 4x the steps and 48 examples per task (~2 hours on 2 CPU cores),
 #   `--preset=tiny` for a base trained from scratch.
 #
 # This run's workdirs and report are in `RUN_DIR`:
