@@ -30,6 +30,9 @@ def _texts(cell) -> str:
   return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.outputs)
 
 
+# Slow (~100 s): every cell on a tiny chat model. The default suite keeps the notebook in sync with its source and
+# every public name it calls resolving (the tests around this one); its steps are each tested in the suite.
+@pytest.mark.slow
 def test_smoke_tier_runs_every_cell_and_writes_its_outputs(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

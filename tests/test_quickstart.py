@@ -23,6 +23,9 @@ def _quickstart(workdir, *extra, preset="smoke", ok=True):
   return proc.stdout
 
 
+# Slow (~2 min): the from-scratch path (base, KVP-C aux, every trained stage); the default suite trains each stage in
+# tests/training/ and runs the default preset's path end to end, with its rerun, below.
+@pytest.mark.slow
 def test_smoke_preset_end_to_end_then_reuses_every_stage(tmp_path):
   out = _quickstart(tmp_path)
   report = json.loads((tmp_path / "eval" / "report.json").read_text())
@@ -140,14 +143,17 @@ def test_smollm2_quick_plan_fits_one_aux_and_trains_nothing():
 
 def test_zero_step_real_preset_end_to_end_on_a_tiny_chat_model(tmp_path):
   """smollm2-quick's path (nothing trained) on the smoke preset's sizes: the fit, LP alone and SpecPrefill's draft
-  built as the pruned base, and the report pairing the fit with the untrained LP alone."""
+  built as the pruned base, the report pairing the fit with the untrained LP alone; a rerun reuses the fit and the
+  evaluation."""
   base = tiny_chat_model_dir(tmp_path / "base")
   wd = tmp_path / "run"
   code = ("p = dict(q.PRESETS['smollm2-smoke'], kvp={'steps': 0, 'lr': 1e-4, 'warmup_steps': 0, 'batch_size': 2}, "
           "extra_methods=['random_prune;keep=0.5', 'specprefill:lp0.50;keep=0.5']); "
-          f"r = q.run({str(wd)!r}, p, base={str(base)!r}, log=lambda s: None); "
-          "print(json.dumps([r['results'], r['equal_flops']]))")
-  rows, eq = _plan_json(code, timeout=900)
+          f"r = q.run({str(wd)!r}, p, base={str(base)!r}, log=lambda s: None); again = []; "
+          f"q.run({str(wd)!r}, p, base={str(base)!r}, log=again.append); "
+          "print(json.dumps([r['results'], r['equal_flops'], sum('reused' in s for s in again)]))")
+  rows, eq, reused = _plan_json(code, timeout=900)
+  assert reused == 2, reused  # the fit and the evaluation
   rows = {r["label"]: r for r in rows}
   assert set(rows) == {"base", "lp_alone[lp0.50](train_steps=0)", "kvp[lp0.50](train_steps=0)",
                        "random_prune(keep=0.5,seed=0)", next(k for k in rows if k.startswith("specprefill[lp0.50]"))}

@@ -116,6 +116,9 @@ def _strip(rows):
   return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
 
 
+# Slow (~70 s, three CLI runs): the default suite keeps tests/test_reliability.py's SIGTERM at a step, whose
+# resume must equal the straight run as well.
+@pytest.mark.slow
 def test_crash_and_resume_reproduces_uninterrupted_run(tmp_path, base_dir, corpus):
   common = ["--stage=kvp", f"--base_checkpoint={base_dir}", f"--data={corpus}", "--seq_len=32",
             "--batch_size=4", "--steps=12", "--save_every=4", "--log_every=2", "--warmup_steps=2",
