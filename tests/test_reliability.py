@@ -789,7 +789,8 @@ def test_metrics_survive_a_torn_last_line(tmp_path):
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
 
 
-@pytest.mark.parametrize("fidelity", [False, True])
+# Without fidelity rows is slow (the default suite resumes the run with fidelity, which carries more per row).
+@pytest.mark.parametrize("fidelity", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_an_interrupted_evaluation_resumes_from_the_rows_it_wrote(fx, tmp_path, monkeypatch, fidelity):
   from kvp_jax.evaluation import runner
   from kvp_jax.evaluation.registry import MethodSpec

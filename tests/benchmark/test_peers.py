@@ -33,6 +33,7 @@ def test_llama_cpp_prefill_and_decode_match_our_logits(tmp_path):
   assert lc.llm.n_tokens == 13
 
 
+@pytest.mark.slow  # ~30 s: an optional peer's export; the benchmark's smoke test runs it with --onnxruntime
 def test_onnxruntime_prefill_matches_our_logits(tmp_path):
   """The ONNX Runtime peer exports transformers' model of our weights (dynamic batch and length) and its
   last-position logits match our decoder's at another shape than the export's."""

@@ -79,6 +79,8 @@ def _both_wrote(wd, step):
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in data_dir.iterdir()}
 
 
+# Slow (~40 s, two jax.distributed processes); the default suite keeps the sharded step on simulated devices.
+@pytest.mark.slow
 def test_two_processes_equal_one_and_both_write_the_checkpoint(tmp_path, base):
   wd = tmp_path / "two"
   for r in _two_processes(base, wd, "--steps=2"):
