@@ -492,10 +492,11 @@ def _write_eval_flags(path: Path, base: str, specs: list[str], ec, out: Path):
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/quickstart", "Every stage's directory, eval.flags and eval/ go here.")
-flags.DEFINE_enum("preset", "smollm2-quick", sorted(PRESETS), "smollm2-quick (the default, ~22 minutes here): the real "
-                  "base SmolLM2-135M-Instruct, frozen, KVP-LP-0.50's least-squares fit against LP alone, recompute, "
-                  "LazyLLM, random and static pruning, nothing trained; tiny: every model trained here (~15 minutes); smoke: the "
-                  "same in ~1 minute for CI; smollm2: the "
+flags.DEFINE_enum("preset", "smollm2-quick", sorted(PRESETS),
+                  "smollm2-quick (the default, ~22 minutes here): the real base SmolLM2-135M-Instruct, frozen, "
+                  "KVP-LP-0.50's least-squares fit against LP alone, recompute, LazyLLM, random and static pruning, "
+                  "nothing trained; tiny: every model trained here (~15 minutes); smoke: the same in ~1 minute for "
+                  "CI; smollm2: the "
                   "same base, three LP fractions fitted then trained 12 steps, every rival; smollm2-full: LP-0.50 "
                   "only, 4x the steps, 48 examples per task, every rival (~2 hours here); smollm2-smoke: the "
                   "smollm2 path on --base=DIR, for tests.")
