@@ -140,6 +140,23 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     np.testing.assert_array_equal(gen[b], alone)
 
 
+def test_every_decode_step_donates_its_state():
+  """A step that keeps its input state alive copies the whole cache per token (SmolLM2, B=16: 1.5x the step)."""
+  from kvp_jax.baselines import pruning
+  cfg, params = tiny()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 32)), jnp.int32)
+  starts = jnp.asarray([0, 5], jnp.int32)
+  methods = [ttft.model_method("base", cfg, params), pruning.lazyllm_method(cfg, params, ((1, 0.5),)),
+             pruning.random_prune_method(cfg, params, 0.5), pruning.static_prune_method(cfg, params, 0.5)]
+  for m in methods:
+    logits, state = m.prefill(tokens, starts, 40)
+    nxt = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
+    _, after = m.step(nxt, state)
+    big = [x for x in jax.tree.leaves(state) if x.size > 64]  # the caches, not the scalar end / positions
+    assert big and all(x.is_deleted() for x in big), m.name
+    assert not any(x.is_deleted() for x in jax.tree.leaves(after)), m.name
+
+
 def test_batched_teacher_forcing_equals_full_forward_argmax():
   cfg, params = tiny()
   m = ttft.model_method("base", cfg, params)
