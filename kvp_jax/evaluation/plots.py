@@ -37,6 +37,14 @@ def _point_label(r: dict) -> str:
   return label
 
 
+def _legend_key(r: dict) -> str:
+  """A kvp row with settings (an ablation, or the least-squares fit before training: train_steps=0) is drawn open
+  and gets its own legend entry; otherwise a report whose only kvp rows carry settings had no kvp in its legend."""
+  if r["method"] == "kvp" and r.get("settings"):
+    return "kvp, settings at the point (open)"
+  return r["method"]
+
+
 def pareto(report: dict, path, task_of_metric: dict[str, str], unbounded=("first_token_kl",)) -> Path:
   """task_of_metric: metric -> the task key of `ttft_flops_by_task` its x value is read from; `unbounded`: metrics
   not in [0, 1] (drawn on their own scale). Error bars: one standard error, where the report has them."""
@@ -56,8 +64,7 @@ def pareto(report: dict, path, task_of_metric: dict[str, str], unbounded=("first
       if se is not None and se == se and se > 0:  # one standard error
         ax.errorbar([x], [y], yerr=[se], fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.6, zorder=2)
       h = ax.scatter([x], [y], c="none" if ablation else color, edgecolors=color, marker=marker, s=60, zorder=3)
-      if not ablation:
-        handles.setdefault(r["method"], h)
+      handles.setdefault(_legend_key(r), h)
       ax.annotate(_point_label(r), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     # Zoom to the points when they all sit low (e.g. token accuracy 0.14-0.20): a fixed [0, 1] axis would
     # flatten differences larger than the noise; the axis still starts at 0 so heights compare honestly.

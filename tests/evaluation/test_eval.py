@@ -264,6 +264,21 @@ def test_untrained_lp_alone_is_the_base_with_the_labels_layers():
     models.pruned("c")
 
 
+def test_pareto_legend_names_every_method_even_when_kvp_rows_all_carry_settings(tmp_path, monkeypatch):
+  """The main job's only kvp row is the least-squares fit (settings train_steps=0): it must still be in the legend."""
+  import matplotlib.figure
+  drawn = []
+  real = matplotlib.figure.Figure.legend
+  monkeypatch.setattr(matplotlib.figure.Figure, "legend",
+                      lambda self, handles, labels, **kw: drawn.append(list(labels)) or real(self, handles, labels, **kw))
+  full = synthetic_report()
+  only_variant = dict(full, results=[r for r in full["results"] if not (r["method"] == "kvp" and not r.get("settings"))])
+  plots.pareto(full, tmp_path / "a.png", eval_tasks.TASK_OF_METRIC)
+  plots.pareto(only_variant, tmp_path / "b.png", eval_tasks.TASK_OF_METRIC)
+  assert drawn[0] == ["base", "aux_only", "lp_alone", "kvp", "kvp, settings at the point (open)", "swiftkv"]
+  assert drawn[1] == ["base", "aux_only", "lp_alone", "kvp, settings at the point (open)", "swiftkv"]
+
+
 def test_rivals_face_the_best_kvp_at_no_more_flops_and_the_nearest():
   riv = {(e["label"], e["metric"]): e for e in synthetic_report()["rivals"]}
   assert set(riv) == {("swiftkv(cutoff=0.5)", "qa_em"), ("swiftkv(cutoff=0.5)", "code_line_em")}
