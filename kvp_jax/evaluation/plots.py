@@ -37,12 +37,15 @@ def _point_label(r: dict) -> str:
   return label
 
 
+def _open(r: dict) -> bool:
+  """A kvp row with settings (an ablation, or the least-squares fit before training: train_steps=0): same method,
+  drawn as an open marker."""
+  return r["method"] == "kvp" and bool(r.get("settings"))
+
+
 def _legend_key(r: dict) -> str:
-  """A kvp row with settings (an ablation, or the least-squares fit before training: train_steps=0) is drawn open
-  and gets its own legend entry; otherwise a report whose only kvp rows carry settings had no kvp in its legend."""
-  if r["method"] == "kvp" and r.get("settings"):
-    return "kvp, settings at the point (open)"
-  return r["method"]
+  """Open rows get their own legend entry: a report whose only kvp rows carry settings must still show kvp."""
+  return "kvp, settings at the point (open)" if _open(r) else r["method"]
 
 
 def pareto(report: dict, path, task_of_metric: dict[str, str], unbounded=("first_token_kl",)) -> Path:
@@ -59,11 +62,10 @@ def pareto(report: dict, path, task_of_metric: dict[str, str], unbounded=("first
         continue
       color, marker = _style(r["method"], seen)
       x, y = r["ttft_flops_by_task"][task_of_metric[t]], r["metrics"][t]
-      ablation = r["method"] == "kvp" and bool(r.get("settings"))  # same method, open marker
       se = r.get("stderr", {}).get(t)
       if se is not None and se == se and se > 0:  # one standard error
         ax.errorbar([x], [y], yerr=[se], fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.6, zorder=2)
-      h = ax.scatter([x], [y], c="none" if ablation else color, edgecolors=color, marker=marker, s=60, zorder=3)
+      h = ax.scatter([x], [y], c="none" if _open(r) else color, edgecolors=color, marker=marker, s=60, zorder=3)
       handles.setdefault(_legend_key(r), h)
       ax.annotate(_point_label(r), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     # Zoom to the points when they all sit low (e.g. token accuracy 0.14-0.20): a fixed [0, 1] axis would
