@@ -493,7 +493,7 @@ def _write_eval_flags(path: Path, base: str, specs: list[str], ec, out: Path):
 F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/quickstart", "Every stage's directory, eval.flags and eval/ go here.")
 flags.DEFINE_enum("preset", "smollm2-quick", sorted(PRESETS),
-                  "smollm2-quick (the default, ~22 minutes here): the real base SmolLM2-135M-Instruct, frozen, "
+                  "smollm2-quick (the default, 15-22 minutes here): the real base SmolLM2-135M-Instruct, frozen, "
                   "KVP-LP-0.50's least-squares fit against LP alone, recompute, LazyLLM, random and static pruning, "
                   "nothing trained; tiny: every model trained here (~15 minutes); smoke: the same in ~1 minute for "
                   "CI; smollm2: the "
